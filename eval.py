@@ -1,0 +1,44 @@
+"""Score LongBench predictions as LongBench does: metrics.json beside each prediction file,
+results.csv (methods × datasets, with the average) in the results folder, and the table printed.
+
+    python eval.py --results_dir results_longbench/smollm2_128
+"""
+import argparse
+import logging
+import os
+import sys
+
+from ntkkv.eval.jsonl import BAD_LINE_POLICIES, BadLineError
+from ntkkv.eval.scoring import format_table, score_results, table_rows, write_csv
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results_dir", required=True,
+                        help="a {model}_{budget} folder, or a folder of them (e.g. run_longbench.py's --save_dir)")
+    parser.add_argument("--longbench_e", action="store_true", help="score the LongBench-E ({dataset}_e) folders by length")
+    parser.add_argument("--fuzzy_matcher", default="levenshtein", choices=["levenshtein", "difflib"],
+                        help="code similarity as fuzzywuzzy computes it with (levenshtein) or without python-Levenshtein")
+    parser.add_argument("--on_bad_line", default="stop", choices=BAD_LINE_POLICIES)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        table = score_results(args.results_dir, args.longbench_e, args.fuzzy_matcher, args.on_bad_line)
+    except (OSError, BadLineError) as error:
+        sys.exit(f"eval.py: error: {error}")
+    if not table:
+        layout = ".../{dataset}_e/{method}.json" if args.longbench_e else ".../{dataset}/{method}.json"
+        sys.exit(f"eval.py: error: no prediction files under {args.results_dir!r} (expected {layout})")
+    header, rows = table_rows(table, args.longbench_e)
+    csv_path = os.path.join(args.results_dir, "results.csv")
+    write_csv(csv_path, header, rows)
+    print(format_table(header, rows))
+    print(f"\nwrote {csv_path} and metrics.json in each dataset folder")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""ntkkv: KV-cache compression for decoder LLMs on current transformers.
+
+Names are imported on first use, so that `ntkkv.eval` scoring starts without loading
+transformers.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "compress": "attention", "replace_llama": "attention", "replace_mistral": "attention",
+    "replace_qwen2": "attention", "CompressedCache": "cache", "CompressedLayer": "cache",
+    "kv_lengths": "cache", "GenerationResult": "generation", "generate": "generation",
+    "load_model": "models", "METHODS": "methods",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ntkkv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,1 @@
+"""Evaluation harnesses: LongBench (prompts, runs, metrics, scoring) and the needle test."""

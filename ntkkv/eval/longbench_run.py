@@ -1,0 +1,184 @@
+"""Generating LongBench predictions: resumable, batched, and shardable over processes.
+
+One process per GPU (launched by torchrun or accelerate) takes every WORLD_SIZE-th
+sample from RANK on and appends to its own part file; at the end rank 0 merges the
+parts into the prediction file where PyramidKV puts it:
+save_dir/{model_name}_{max_capacity_prompts}/{dataset}/{method}.json.
+"""
+import dataclasses
+import datetime
+import logging
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import ntkkv
+from ntkkv.eval import longbench
+from ntkkv.eval.jsonl import JsonlAppender, merge_parts, part_path, read_predictions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's place among the data-parallel processes (torchrun/accelerate env vars)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls):
+        return cls(
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+    def take(self, examples):
+        return examples[self.rank :: self.world_size]
+
+
+@dataclasses.dataclass
+class GenerationSettings:
+    """How each prompt is compressed and answered."""
+
+    method: str
+    max_capacity_prompts: int = 512
+    """K/V entries kept per layer; -1 to use max_capacity_prompts_ratio instead."""
+    max_capacity_prompts_ratio: float = -1
+    """Budget as a share of the (padded) prompt length, when max_capacity_prompts is -1."""
+    eval_batch_size: int = 1
+    max_new_tokens: int = None
+    """None: LongBench's limit for the task."""
+    max_length: int = None
+    """Longest model input in tokens (chat template included); None: the model's context minus max_new_tokens."""
+    chat_template: bool = True
+    use_cache: bool = True
+
+    def budget(self, prompt_length):
+        if self.max_capacity_prompts != -1:
+            return self.max_capacity_prompts
+        if self.max_capacity_prompts_ratio != -1:
+            return round(prompt_length * self.max_capacity_prompts_ratio)
+        raise ValueError("max_capacity_prompts is -1 and max_capacity_prompts_ratio is unset: set one of them")
+
+
+def budget_label(max_capacity_prompts, max_capacity_prompts_ratio=-1):
+    """The budget part of the results folder name: the budget, or ratio{r} for ratio budgets."""
+    if max_capacity_prompts == -1 and max_capacity_prompts_ratio != -1:
+        return f"ratio{max_capacity_prompts_ratio}"
+    return str(max_capacity_prompts)
+
+
+def prediction_path(save_dir, model_name, label, dataset, method, longbench_e=False):
+    folder = f"{dataset}_e" if longbench_e else dataset
+    return os.path.join(save_dir, f"{model_name}_{label}", folder, f"{method}.json")
+
+
+def left_padded_batch(sequences, pad_token_id, device):
+    """(input_ids, attention_mask) with every sequence right-aligned."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def cut_at_stop(token_ids, stop_ids):
+    for position, token_id in enumerate(token_ids):
+        if token_id in stop_ids:
+            return list(token_ids[:position])
+    return list(token_ids)
+
+
+def stop_ids_for(dataset, tokenizer, model):
+    stop_ids = longbench.stop_token_ids(tokenizer, model)
+    if dataset == "samsum":
+        # LongBench stops samsum at the first newline: its answers are one line
+        stop_ids.append(tokenizer("\n", add_special_tokens=False)["input_ids"][-1])
+    return sorted(set(stop_ids))
+
+
+def generate_batch(model, tokenizer, batch_ids, settings, max_new_tokens, stop_ids):
+    """Predictions, their token counts (stop token excluded) and kept K/V lengths per layer, per sample."""
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = model.get_input_embeddings().weight.device
+    input_ids, attention_mask = left_padded_batch(batch_ids, pad_token_id, device)
+    with ntkkv.compress(model, method=settings.method, max_capacity_prompt=settings.budget(input_ids.shape[1])):
+        output = ntkkv.generate(
+            model, input_ids, attention_mask,
+            max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False, num_beams=1,
+            eos_token_id=stop_ids, pad_token_id=pad_token_id, use_cache=settings.use_cache,
+        )
+    answers = [cut_at_stop(new_tokens, stop_ids) for new_tokens in output.new_tokens]
+    predictions = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
+    return predictions, [len(answer) for answer in answers], output.kv_lengths
+
+
+def run_dataset(model, tokenizer, dataset, examples, output_path, settings, shard=Shard(), on_bad_line="stop"):
+    """Append predictions for this shard's samples not yet in `output_path` (or its parts).
+
+    Returns the mean kept K/V entries per layer of each sample written.
+    """
+    done_ids = {record.get("_id") for record in read_predictions(output_path, on_bad_line)}
+    pending = [example for example in shard.take(examples) if example["_id"] not in done_ids]
+    shard_size = len(shard.take(examples))
+    max_new_tokens = settings.max_new_tokens or longbench.DATASET_MAX_NEW_TOKENS[dataset]
+    max_prompt_tokens = longbench.max_prompt_length(model, max_new_tokens, settings.max_length)
+    chat = longbench.uses_chat_template(dataset, tokenizer, settings.chat_template)
+    stop_ids = stop_ids_for(dataset, tokenizer, model)
+    prompt_ids = {
+        example["_id"]: longbench.build_prompt_ids(
+            tokenizer, longbench.format_prompt(dataset, example), max_prompt_tokens, chat
+        )
+        for example in pending
+    }
+    # longest first: batches of similar lengths pad little, and memory errors show at once
+    pending.sort(key=lambda example: -len(prompt_ids[example["_id"]]))
+    target = output_path if shard.world_size == 1 else part_path(output_path, shard.rank)
+    kept_means = []
+    progress = tqdm(total=shard_size, initial=shard_size - len(pending), desc=f"{dataset} {settings.method}",
+                    unit="sample", position=shard.rank, dynamic_ncols=True)
+    with JsonlAppender(target) as writer, progress:
+        for start in range(0, len(pending), settings.eval_batch_size):
+            batch = pending[start : start + settings.eval_batch_size]
+            batch_ids = [prompt_ids[example["_id"]] for example in batch]
+            started = time.perf_counter()
+            predictions, answer_lengths, kv_lengths = generate_batch(
+                model, tokenizer, batch_ids, settings, max_new_tokens, stop_ids
+            )
+            seconds = (time.perf_counter() - started) / len(batch)
+            for example, ids, prediction, answer_length, kept in zip(
+                batch, batch_ids, predictions, answer_lengths, kv_lengths
+            ):
+                kept = [int(entries) for entries in kept]
+                writer.write({**example, "pred": prediction, "prompt_tokens": len(ids),
+                              "answer_tokens": answer_length, "kv_kept": kept, "seconds": round(seconds, 3)})
+                kept_means.append(sum(kept) / max(len(kept), 1))
+            progress.update(len(batch))
+    return kept_means
+
+
+def init_distributed(shard):
+    """Join the process group (CPU 'gloo', used only for the final barrier) when launched with several ranks."""
+    if shard.world_size > 1 and not torch.distributed.is_initialized():
+        # ranks finish their shards at different times: wait long at the barrier
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=2))
+
+
+def finish(output_paths, shard, on_bad_line="stop"):
+    """After every rank is done, rank 0 merges the part files into the prediction files."""
+    if shard.world_size > 1:
+        torch.distributed.barrier()
+    if shard.rank == 0:
+        for path in output_paths:
+            merged = merge_parts(path, on_bad_line)
+            if merged is not None:
+                logger.info("merged the parts of %s (%d samples)", path, merged)
+    if shard.world_size > 1:
+        torch.distributed.barrier()

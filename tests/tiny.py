@@ -1,0 +1,36 @@
+"""Tiny Llama / Mistral / Qwen2 models built from configs, for the CPU tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+VOCAB = 256
+
+
+def tiny_model(family: str = "llama", attn_implementation: str = "sdpa", layers: int = 4, seed: int = 0):
+    config_class, model_class = FAMILIES[family]
+    config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                          rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if family == "mistral":
+        config.sliding_window = None
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    # sharper attention than the random init gives, so selection actually matters
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def random_prompt(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
