@@ -17,6 +17,8 @@ import torch
 
 import ntkkv
 from ntkkv.eval import longbench
+from ntkkv.eval.options import add_compression_arguments, compression_options
+from ntkkv.methods import build_method
 from ntkkv.eval.jsonl import BAD_LINE_POLICIES, read_jsonl
 from ntkkv.eval.longbench_run import (
     GenerationSettings, Shard, budget_label, finish, init_distributed, prediction_path, run_dataset,
@@ -64,6 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--no_chat_template", action="store_true", help="feed raw prompts to every task")
     parser.add_argument("--eval_batch_size", type=positive_int, default=1)
     parser.add_argument("--use_cache", type=true_or_false, default=True)
+    add_compression_arguments(parser)
     parser.add_argument("--on_bad_line", default="stop", choices=BAD_LINE_POLICIES,
                         help="what a malformed JSON line in a data or prediction file does")
     return parser.parse_args(argv)
@@ -108,13 +111,14 @@ def main(argv=None):
     set_seed(args.seed)
     shard = Shard.from_environment()
     try:
-        if args.method.lower() not in ntkkv.METHODS:
-            raise ValueError(f"unknown method {args.method!r}; choose one of: {', '.join(ntkkv.METHODS)}")
+        # an unknown method or a bad compression flag fails here, before the data and the model load
+        build_method(args.method, 1 << 30, **compression_options(args))
         settings = GenerationSettings(
             method=args.method, max_capacity_prompts=args.max_capacity_prompts,
             max_capacity_prompts_ratio=args.max_capacity_prompts_ratio, eval_batch_size=args.eval_batch_size,
             max_new_tokens=args.max_new_tokens, max_length=args.max_length,
             chat_template=not args.no_chat_template, use_cache=args.use_cache,
+            compress_kwargs=compression_options(args),
         )
         settings.budget(prompt_length=1)  # refuses a run with neither budget flag set
         tasks = load_tasks(args)

@@ -8,9 +8,12 @@ Example (the embedded SmolLM2 on the CPU):
 import argparse
 import itertools
 import logging
+import sys
 
 import ntkkv
 from ntkkv.eval import needle
+from ntkkv.eval.options import add_compression_arguments, compression_options
+from ntkkv.methods import build_method
 
 logger = logging.getLogger("run_needle_in_haystack")
 
@@ -46,6 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batch_size", type=int, default=1)
     parser.add_argument("--device", default=None, help="device_map for loading: cpu, cuda, auto (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on cpu, bf16 on cuda)")
+    add_compression_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -58,6 +62,8 @@ def main(argv=None):
     haystack_dir = args.haystack_dir or needle.default_haystack_dir()
     needle.haystack_files(haystack_dir)  # fail on a bad folder before the slow model load
     combos = list(itertools.product(args.method, args.max_capacity_prompt))
+    for method, budget in combos:  # a bad method, budget or flag fails here, before the model loads
+        build_method("fullkv" if method.lower() == "full" else method, budget, **compression_options(args))
     if args.model_version and len(combos) > 1:
         raise SystemExit("--model_version names one results folder: give one --method and one --max_capacity_prompt")
     key_facts = tuple(args.key_facts) if args.key_facts is not None else None
@@ -66,6 +72,7 @@ def main(argv=None):
             lengths, depths, method=method, max_capacity_prompt=budget, model_name=args.model_name,
             model_version=args.model_version, save_dir=args.save_dir, needle=args.needle,
             retrieval_question=args.retrieval_question, key_facts=key_facts, eval_batch_size=args.eval_batch_size,
+            compress_kwargs=compression_options(args),
         )
         for method, budget in combos
     ]
@@ -84,4 +91,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as error:
+        sys.exit(f"run_needle_in_haystack.py: error: {error}")

@@ -208,3 +208,13 @@ def test_exact_kernel_state_merged_through_lse_reproduces_full_attention(method,
         tokens, logits = greedy_with_logits(model, batch, steps=6, attention_mask=mask)
     torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(tokens, reference_tokens)
+
+
+def test_per_layer_budget_lists_are_held_layer_by_layer():
+    model = tiny_model()
+    with ntkkv.compress(model, "snapkv", max_capacity_prompt=[40, 30, 20, 16]):
+        cache, _ = prefill(model, random_prompt(100))
+    assert ntkkv.kv_lengths(cache) == [40, 30, 20, 16]
+    with ntkkv.compress(model, "h2o", max_capacity_prompt=[200, 30, 20, 16]):
+        cache, _ = prefill(model, random_prompt(100))
+    assert ntkkv.kv_lengths(cache) == [100, 30, 20, 16]  # a layer whose budget exceeds the prompt keeps it whole

@@ -57,6 +57,8 @@ class GenerationSettings:
     """Longest model input in tokens (chat template included); None: the model's context minus max_new_tokens."""
     chat_template: bool = True
     use_cache: bool = True
+    compress_kwargs: dict = dataclasses.field(default_factory=dict)
+    """Passed on to ntkkv.compress (window_size, kernel_size, pooling, gqa_reduce)."""
 
     def budget(self, prompt_length):
         if self.max_capacity_prompts != -1:
@@ -109,7 +111,8 @@ def generate_batch(model, tokenizer, batch_ids, settings, max_new_tokens, stop_i
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = model.get_input_embeddings().weight.device
     input_ids, attention_mask = left_padded_batch(batch_ids, pad_token_id, device)
-    with ntkkv.compress(model, method=settings.method, max_capacity_prompt=settings.budget(input_ids.shape[1])):
+    with ntkkv.compress(model, method=settings.method, max_capacity_prompt=settings.budget(input_ids.shape[1]),
+                        **settings.compress_kwargs):
         output = ntkkv.generate(
             model, input_ids, attention_mask,
             max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False, num_beams=1,

@@ -29,59 +29,56 @@ if triton is not None:
                 for q, k, w, st in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4),
                                     (64, 128, 4, 3), (128, 32, 4, 4)]]
 
+    @triton.jit
+    def _query_tile(Q, b, head, rows, dims, n, sqb, sqh, sqn):
+        """(rows, head_dim) of one query head."""
+        return tl.load(Q + b * sqb + head * sqh + rows[:, None] * sqn + dims[None, :], mask=rows[:, None] < n, other=0.0)
+
+    @triton.jit
+    def _key_tile(K, VALID, b, kv_head, cols, dims, n, skb, skh, skn):
+        """(head_dim, cols) of one KV head, transposed for q @ k, and which of those keys are real."""
+        keys = tl.load(K + b * skb + kv_head * skh + cols[None, :] * skn + dims[:, None], mask=cols[None, :] < n, other=0.0)
+        return keys, tl.load(VALID + b * n + cols, mask=cols < n, other=0) != 0
+
     @triton.autotune(configs=_CONFIGS, key=["HEAD_DIM"])
     @triton.jit
-    def _row_lse(Q, K, VALID, LSE, scale_log2, n, heads, group,
-                 sqb, sqh, sqn, skb, skh, skn,
+    def _row_lse(Q, K, VALID, LSE, scale_log2, n, heads, group, sqb, sqh, sqn, skb, skh, skn,
                  BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr):
-        block = tl.program_id(0)
-        batch_head = tl.program_id(1)
-        b = batch_head // heads
-        kv_head = (batch_head % heads) // group
+        block, batch_head = tl.program_id(0), tl.program_id(1)
+        b, head = batch_head // heads, batch_head % heads
         rows = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
         dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * sqb + (batch_head % heads) * sqh + rows[:, None] * sqn + dims[None, :],
-                    mask=rows[:, None] < n, other=0.0)
+        q = _query_tile(Q, b, head, rows, dims, n, sqb, sqh, sqn)
         running_max = tl.full([BLOCK_Q], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_Q], tl.float32)
         for start in range(0, (block + 1) * BLOCK_Q, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
-            k = tl.load(K + b * skb + kv_head * skh + cols[None, :] * skn + dims[:, None],
-                        mask=cols[None, :] < n, other=0.0)
-            key_valid = tl.load(VALID + b * n + cols, mask=cols < n, other=0)
-            s = tl.dot(q, k) * scale_log2
-            allowed = (cols[None, :] <= rows[:, None]) & (key_valid[None, :] != 0)
-            s = tl.where(allowed, s, float("-inf"))
+            k, key_valid = _key_tile(K, VALID, b, head // group, cols, dims, n, skb, skh, skn)
+            allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :]
+            s = tl.where(allowed, tl.dot(q, k) * scale_log2, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(s, 1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with nothing real yet
             running_sum = running_sum * tl.exp2(running_max - safe_max) + tl.sum(tl.exp2(s - safe_max[:, None]), 1)
             running_max = new_max
         tl.store(LSE + batch_head * n + rows, running_max + tl.log2(running_sum), mask=rows < n)
 
     @triton.autotune(configs=_CONFIGS, key=["HEAD_DIM"])
     @triton.jit
-    def _column_sums(Q, K, VALID, LSE, OUT, scale_log2, n, heads, group,
-                     sqb, sqh, sqn, skb, skh, skn,
+    def _column_sums(Q, K, VALID, LSE, OUT, scale_log2, n, heads, group, sqb, sqh, sqn, skb, skh, skn,
                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr):
-        block = tl.program_id(0)
-        batch_head = tl.program_id(1)
-        b = batch_head // heads
-        kv_head = (batch_head % heads) // group
+        block, batch_head = tl.program_id(0), tl.program_id(1)
+        b, head = batch_head // heads, batch_head % heads
         cols = block * BLOCK_K + tl.arange(0, BLOCK_K)
         dims = tl.arange(0, HEAD_DIM)
-        k = tl.load(K + b * skb + kv_head * skh + cols[None, :] * skn + dims[:, None],
-                    mask=cols[None, :] < n, other=0.0)
-        key_valid = tl.load(VALID + b * n + cols, mask=cols < n, other=0)
+        k, key_valid = _key_tile(K, VALID, b, head // group, cols, dims, n, skb, skh, skn)
         totals = tl.zeros([BLOCK_K], tl.float32)
         for start in range((block * BLOCK_K // BLOCK_Q) * BLOCK_Q, n, BLOCK_Q):
             rows = start + tl.arange(0, BLOCK_Q)
-            q = tl.load(Q + b * sqb + (batch_head % heads) * sqh + rows[:, None] * sqn + dims[None, :],
-                        mask=rows[:, None] < n, other=0.0)
-            query_valid = tl.load(VALID + b * n + rows, mask=rows < n, other=0)
+            q = _query_tile(Q, b, head, rows, dims, n, sqb, sqh, sqn)
+            query_valid = tl.load(VALID + b * n + rows, mask=rows < n, other=0) != 0
             lse = tl.load(LSE + batch_head * n + rows, mask=rows < n, other=0.0)
-            s = tl.dot(q, k) * scale_log2
-            allowed = (cols[None, :] <= rows[:, None]) & (key_valid[None, :] != 0) & (query_valid[:, None] != 0)
-            totals += tl.sum(tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0), 0)
+            allowed = (cols[None, :] <= rows[:, None]) & key_valid[None, :] & query_valid[:, None]
+            totals += tl.sum(tl.where(allowed, tl.exp2(tl.dot(q, k) * scale_log2 - lse[:, None]), 0.0), 0)
         tl.store(OUT + batch_head * n + cols, totals, mask=cols < n)
 
 
