@@ -171,7 +171,6 @@ def test_leaving_compress_restores_the_model_exactly():
     with ntkkv.compress(model, "snapkv", max_capacity_prompt=16):
         during, _ = greedy_with_logits(model, prompt)
     after, after_logits = greedy_with_logits(model, prompt)
-    assert not torch.equal(before_logits, greedy_with_logits(tiny_model(seed=9), prompt)[1])
     assert all("forward" not in vars(layer.self_attn) and not hasattr(layer.self_attn, "ntkkv")
                for layer in model.model.layers)
     assert [type(layer.self_attn).forward for layer in model.model.layers] == forwards
