@@ -17,8 +17,8 @@ import torch
 
 import ntkkv
 from ntkkv.eval import longbench
-from ntkkv.eval.options import add_compression_arguments, compression_options
-from ntkkv.methods import build_method
+from ntkkv.attention import build_compressor
+from ntkkv.eval.options import add_compression_arguments, compression_options, run_label
 from ntkkv.eval.jsonl import BAD_LINE_POLICIES, read_jsonl
 from ntkkv.eval.longbench_run import (
     GenerationSettings, Shard, budget_label, finish, init_distributed, prediction_path, run_dataset,
@@ -112,7 +112,7 @@ def main(argv=None):
     shard = Shard.from_environment()
     try:
         # an unknown method or a bad compression flag fails here, before the data and the model load
-        build_method(args.method, 1 << 30, **compression_options(args))
+        build_compressor(args.method, 1 << 30, **compression_options(args))
         settings = GenerationSettings(
             method=args.method, max_capacity_prompts=args.max_capacity_prompts,
             max_capacity_prompts_ratio=args.max_capacity_prompts_ratio, eval_batch_size=args.eval_batch_size,
@@ -134,7 +134,8 @@ def main(argv=None):
     started, kept_means, output_paths = time.perf_counter(), [], []
     with torch.inference_mode():
         for dataset, examples in tasks.items():
-            output_path = prediction_path(args.save_dir, model_name, label, dataset, args.method, args.longbench_e)
+            output_path = prediction_path(args.save_dir, model_name, label, dataset,
+                                          run_label(args.method, compression_options(args)), args.longbench_e)
             output_paths.append(output_path)
             kept_means += run_dataset(
                 model, tokenizer, dataset, examples, output_path, settings, shard, args.on_bad_line

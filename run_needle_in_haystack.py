@@ -13,7 +13,7 @@ import sys
 import ntkkv
 from ntkkv.eval import needle
 from ntkkv.eval.options import add_compression_arguments, compression_options
-from ntkkv.methods import build_method
+from ntkkv.attention import build_compressor
 
 logger = logging.getLogger("run_needle_in_haystack")
 
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     parser.add_argument("--model_name", default="smollm2",
                         help="'smollm2' (embedded), a Hugging Face folder or hub id, or a .gguf file")
     parser.add_argument("--model_version", default=None,
-                        help="results folder name; default <model>_<method>_<budget>")
+                        help="results folder name; default <model>_<method>_<budget>[_qout]")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--method", nargs="+", default=["fullkv"],
                         help=f"one or more of {', '.join(ntkkv.METHODS)} ('full' = fullkv)")
@@ -47,6 +47,12 @@ def parse_args(argv=None):
     depth_grid.add_argument("--depths", type=float, nargs="+", default=None, help="explicit depths in percent")
     parser.add_argument("--save_dir", default="results_needle")
     parser.add_argument("--eval_batch_size", type=int, default=1)
+    parser.add_argument("--question_outside", action="store_true",
+                        help="compress only the context (kvpress's question-agnostic setting): prefill and compress "
+                             "the prompt up to the end of the book (the haystack and its closing tag), then read the "
+                             "question, the end of the user turn and the assistant header over the compressed cache, "
+                             "uncompressed. Default: the whole prompt is compressed, question included. The default "
+                             "results folder gets the suffix _qout; each cell's JSON records question_outside")
     parser.add_argument("--device", default=None, help="device_map for loading: cpu, cuda, auto (default: cpu)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on cpu, bf16 on cuda)")
     add_compression_arguments(parser)
@@ -63,7 +69,7 @@ def main(argv=None):
     needle.haystack_files(haystack_dir)  # fail on a bad folder before the slow model load
     combos = list(itertools.product(args.method, args.max_capacity_prompt))
     for method, budget in combos:  # a bad method, budget or flag fails here, before the model loads
-        build_method("fullkv" if method.lower() == "full" else method, budget, **compression_options(args))
+        build_compressor("fullkv" if method.lower() == "full" else method, budget, **compression_options(args))
     if args.model_version and len(combos) > 1:
         raise SystemExit("--model_version names one results folder: give one --method and one --max_capacity_prompt")
     key_facts = tuple(args.key_facts) if args.key_facts is not None else None
@@ -72,7 +78,7 @@ def main(argv=None):
             lengths, depths, method=method, max_capacity_prompt=budget, model_name=args.model_name,
             model_version=args.model_version, save_dir=args.save_dir, needle=args.needle,
             retrieval_question=args.retrieval_question, key_facts=key_facts, eval_batch_size=args.eval_batch_size,
-            compress_kwargs=compression_options(args),
+            compress_kwargs=compression_options(args), question_outside=args.question_outside,
         )
         for method, budget in combos
     ]

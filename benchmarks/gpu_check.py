@@ -5,7 +5,9 @@
 1. full budget: every method gives the unpatched model's greedy tokens (bf16 and fp32, sdpa and eager);
 2. a needle at ~1.5k and ~6k tokens: full model vs each method at budgets 128 / 256 / 512;
 3. an exact kernel state merged through the log-sum-exp reproduces full attention (fp32);
-4. a left-padded batch of two gives each sample its alone output (fp32).
+4. a left-padded batch of two gives each sample its alone output (fp32);
+5. the kernels: exact kernel + ratchet = full attention (fp32, fused decode merge), and every
+   training-free kernel on the needle (bf16).
 """
 
 from __future__ import annotations
@@ -101,6 +103,31 @@ def main():
             alone = [ntkkv.generate(model, p.to(device), max_new_tokens=16).new_tokens[0]
                      for p in (inputs["input_ids"], other["input_ids"])]
         print(f"[4] batch of 2 (fp32) {method}: equal to alone: {together == alone}")
+    options["max_new_tokens"] = options["min_new_tokens"] = 24
+    reference = ntkkv.generate(model, inputs["input_ids"], **options)
+    with ntkkv.compress(model, "snapkv", max_capacity_prompt=128, kernel=ExactKernel(), ratchet=4):
+        merged = ntkkv.generate(model, inputs["input_ids"], **options)
+    error = max((a - b).abs().max().item() for a, b in zip(merged.output.logits, reference.output.logits))
+    print(f"[5] exact kernel + ratchet 4, 24 steps (fp32): max |logit diff| vs full = {error:.2e}, same tokens: "
+          f"{merged.new_tokens == reference.new_tokens}, slots per layer {merged.cache.layers[0].num_slots()}")
+    model, tokenizer = ntkkv.load_model(args.model, dtype=args.dtype, device_map=device)
+    inputs = needle_prompt(tokenizer, args.essays, 6000, 0.5)
+    for kernel in ntkkv.kernels.KERNELS:
+        if kernel == "learned":
+            continue
+        for method in ("snapkv", "pyramidkv"):
+            budget_share = 0.5 if kernel in ("taylor1", "taylor2_diag", "ratchetkv") else 0.25
+            try:
+                with ntkkv.compress(model, method, max_capacity_prompt=128, kernel=kernel, state_budget=budget_share):
+                    start = time.perf_counter()
+                    result = greedy(model, inputs)
+                    seconds = time.perf_counter() - start
+            except ValueError as error:
+                print(f"    {kernel} {method}: {error}")
+                continue
+            answer = tokenizer.decode(result.new_tokens[0], skip_special_tokens=True)
+            found = "sandwich" in answer.lower() and "dolores" in answer.lower()
+            print(f"[5] {kernel:16s} {method:10s} 128: found={found!s:5s} {seconds:.2f}s {answer[:70]!r}")
 
 
 if __name__ == "__main__":

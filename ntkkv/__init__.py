@@ -12,7 +12,7 @@ _EXPORTS = {
     "compress": "attention", "replace_llama": "attention", "replace_mistral": "attention",
     "replace_qwen2": "attention", "CompressedCache": "cache", "CompressedLayer": "cache",
     "kv_lengths": "cache", "GenerationResult": "generation", "generate": "generation",
-    "load_model": "models", "METHODS": "methods",
+    "load_model": "models", "METHODS": "methods", "KERNELS": "kernels", "state_sizes": "cache",
 }
 __all__ = sorted(_EXPORTS)
 

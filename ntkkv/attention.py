@@ -8,6 +8,7 @@ additive mask; with a kernel state, merge it in through the log-sum-exp.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from contextlib import contextmanager
@@ -19,19 +20,33 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import CompressedLayer, ensure_compressed_layer
-from .kernels import merge_attention
+from .kernels import ClusterKernel, KernelPlan, Summary, build_kernel, merge_attention
+from .kernels.clusters import fold_into_merged_slots
+from .kernels.merge_triton import HEAD_DIMS as FUSED_HEAD_DIMS
+from .kernels.merge_triton import merged_decode_attention
+from .kernels.registry import MergeKernel
 from .methods import Method, SelectionInputs, build_method
 
 # cuDNN's sdpa builds a graph for every new key length (~40 ms on an H200, torch 2.11) and decode
 # sees a new length every step; the others need no such set-up (benchmarks/decode_probe.py)
+logger = logging.getLogger(__name__)
+
 DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 @dataclass
 class Compressor:
-    """What the patched forward needs: the selection policy and, optionally, a kernel."""
+    """What the patched forward needs: the selection policy, optionally a kernel for the evicted
+    tokens, and optionally the ratchet: the most generated tokens kept exact, older ones fold
+    into the kernel's summary (or are dropped without a kernel)."""
 
     method: Method
     kernel: object | None = None
+    ratchet: int | None = None
+
+    def plan(self, budget: int, head_dim: int) -> KernelPlan:
+        if self.kernel is None:
+            return KernelPlan(budget, 0, 0.0)
+        return self.kernel.plan(budget, head_dim, self.method.min_kept())
 
     @torch.no_grad()
     def compress_prefill(self, module, layer: CompressedLayer, queries, keys, values, attention_mask) -> None:
@@ -39,20 +54,51 @@ class Compressor:
         valid = padding_mask(attention_mask, batch, n, keys.device)
         bias = torch.zeros(batch, kv_heads, n, device=keys.device).masked_fill(~valid[:, None, :], -math.inf)
         budget = self.method.layer_budgets(module.config.num_hidden_layers, n)[module.layer_idx]
-        if n <= budget:
-            layer.store(keys, values, bias, n, state=self.kernel.new_state() if self.kernel else None)
+        plan = self.plan(budget, head_dim)
+        if n <= plan.kept:
+            nothing = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=keys.device)
+            state = self._summarise(keys, values, nothing, plan, module.layer_idx).state
+            layer.store(keys, values, bias, n, state=state)
             return
         grouped_queries = queries.view(batch, kv_heads, -1, n, head_dim)
         inputs = SelectionInputs(grouped_queries, keys, values, valid, module.scaling)
-        kept = self.method.select(inputs, module.layer_idx, budget)
+        policy = self.method.for_budget(plan.kept)
+        kept = policy.select(inputs, module.layer_idx, plan.kept)
         gather_index = kept[..., None].expand(-1, -1, -1, head_dim)
-        state = None
-        if self.kernel is not None:
-            evicted = valid[:, None, :].expand(batch, kv_heads, n).clone()
-            evicted.scatter_(2, kept, False)
-            state = self.kernel.new_state()
-            state.fold(keys, values, evicted.float())
-        layer.store(keys.gather(2, gather_index), values.gather(2, gather_index), bias.gather(2, kept), n, state)
+        kept_keys, kept_values, kept_bias = keys.gather(2, gather_index), values.gather(2, gather_index), bias.gather(2, kept)
+        evicted = valid[:, None, :].expand(batch, kv_heads, n).clone()
+        evicted.scatter_(2, kept, False)
+        window = min(policy.window_size, n)
+        window_queries = grouped_queries[:, :, :, n - window :].reshape(batch, kv_heads, -1, head_dim)
+        summary = self._summarise(keys, values, evicted, plan, module.layer_idx, window_queries, module.scaling)
+        merged = 0
+        if summary.slot_keys is not None:  # merged slots go first: generated tokens stay the last slots
+            merged = summary.slot_keys.shape[-2]
+            kept_keys = torch.cat([summary.slot_keys, kept_keys], dim=-2)
+            kept_values = torch.cat([summary.slot_values, kept_values], dim=-2)
+            kept_bias = torch.cat([summary.slot_bias, kept_bias], dim=-1)
+        layer.store(kept_keys, kept_values, kept_bias, n, summary.state, merged)
+
+    def _summarise(self, keys, values, evicted, plan, layer_idx, window_queries=None, scaling=None) -> Summary:
+        if self.kernel is None:
+            return Summary()
+        return self.kernel.summarise(keys, values, evicted, plan, layer_idx, window_queries, scaling)
+
+    @torch.no_grad()
+    def fold_oldest(self, layer: CompressedLayer) -> None:
+        """The ratchet: past `ratchet` generated tokens, the oldest fold into the summary."""
+        excess = layer.appended_slots() - self.ratchet
+        if excess <= 0:
+            return
+        keys, values = layer.pop_oldest_appended(excess)
+        if layer.state is not None:
+            layer.state.fold(keys, values, keys.new_ones(keys.shape[:3]))
+        elif isinstance(self.kernel, MergeKernel):
+            if layer.merged_slots == 0:  # nothing was evicted at the prefill: make the slots now
+                layer.add_merged_slots(self.plan(layer.num_slots(), keys.shape[-1]).clusters)
+            merged = layer.merged_slots
+            fold_into_merged_slots(layer.keys[:, :, :merged], layer.values[:, :, :merged],
+                                   layer.bias[:, :, :merged], keys, values)
 
 
 def padding_mask(attention_mask, batch: int, n: int, device) -> torch.Tensor:
@@ -105,15 +151,33 @@ def attend_to_cache(module, queries, layer: CompressedLayer, interface, backend:
                 return interface(module, queries, layer.keys, layer.values, mask, dropout=0.0,
                                  scaling=module.scaling, **kwargs)
         return interface(module, queries, layer.keys, layer.values, mask, dropout=0.0, scaling=module.scaling, **kwargs)
-    # the general path: explicit biases, and the kernel state merged through the log-sum-exp
     grouped = queries.reshape(batch, kv_heads, group * num_queries, head_dim)
-    logit_bias = slot_logit_bias(layer.slot_bias(), num_queries).repeat(1, 1, group, 1)
-    lse, output = reference_attention(grouped, layer.keys, layer.values, logit_bias, module.scaling)
-    if layer.state is not None:
-        log_mass, state_mean = layer.state.read(grouped, module.scaling)
-        output = merge_attention(lse, output, log_mass, state_mean)
+    output = merged_attention(grouped, layer, module.scaling, num_queries)
     output = output.view(batch, heads, num_queries, head_dim).transpose(1, 2).to(queries.dtype)
     return output, None
+
+
+def merged_attention(grouped_queries, layer: CompressedLayer, scaling: float, num_queries: int) -> torch.Tensor:
+    """The general path, at KV-head granularity: softmax over the slots with their biases (causal
+    among the `num_queries` newest), merged with the kernel state through the log-sum-exp.
+
+    grouped_queries (batch, kv_heads, group * num_queries, d) -> float32 output of the same shape.
+    """
+    state = layer.state.read(grouped_queries, scaling) if layer.state is not None else (None, None)
+    if num_queries == 1 and grouped_queries.is_cuda and head_dim_fuses(grouped_queries.shape[-1]):
+        # decode: one fused Triton kernel for the softmax over the slots and the merge (plain torch below
+        # is its reference)
+        return merged_decode_attention(grouped_queries, layer.keys, layer.values, layer.slot_bias(), scaling, *state)
+    group = grouped_queries.shape[2] // num_queries
+    logit_bias = slot_logit_bias(layer.slot_bias(), num_queries).repeat(1, 1, group, 1)
+    lse, output = reference_attention(grouped_queries, layer.keys, layer.values, logit_bias, scaling)
+    if layer.state is not None:
+        output = merge_attention(lse, output, *state)
+    return output
+
+
+def head_dim_fuses(head_dim: int) -> bool:
+    return head_dim in FUSED_HEAD_DIMS
 
 
 def compressed_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
@@ -140,6 +204,8 @@ def compressed_attention_forward(self, hidden_states, position_embeddings=None, 
             self.ntkkv.compress_prefill(self, layer, queries, keys, values, attention_mask)
     else:
         layer.update(keys, values)
+        if self.ntkkv.ratchet is not None:
+            self.ntkkv.fold_oldest(layer)
         output, weights = attend_to_cache(self, queries, layer, interface, backend, **kwargs)
     output = output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(output), weights
@@ -152,21 +218,69 @@ def _attention_modules(model) -> list[torch.nn.Module]:
             if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx"))]
 
 
+def build_compressor(method: str = "snapkv", max_capacity_prompt=2048, window_size=None, kernel_size: int = 7,
+                     pooling: str = "maxpool", gqa_reduce: str = "mean", kernel=None, state_budget=None,
+                     cluster_by=None, rank=None, kernel_path=None, ratchet=None, model_shape=None,
+                     **method_params) -> Compressor | None:
+    """The `Compressor` for these parameters (None for fullkv), checked against the model's
+    (layers, kv_heads, head_dim) when given."""
+    policy = build_method(method, max_capacity_prompt, window_size, kernel_size=kernel_size, pooling=pooling,
+                          gqa_reduce=gqa_reduce, **method_params)
+    kernel = build_kernel(kernel, state_budget=state_budget, cluster_by=cluster_by, rank=rank,
+                          kernel_path=kernel_path)
+    if ratchet is not None and (not isinstance(ratchet, int) or isinstance(ratchet, bool) or ratchet < 0):
+        raise ValueError(f"ratchet must be a number of generated tokens ≥ 0 kept exact, or None, got {ratchet!r}")
+    if policy is None:
+        return None
+    compressor = Compressor(policy, kernel, ratchet)
+    if model_shape is not None:
+        num_layers, kv_heads, head_dim = model_shape
+        if kernel is not None:
+            kernel.check_model(num_layers, kv_heads, head_dim)
+        plans = [compressor.plan(budget, head_dim) for budget in policy.layer_budgets(num_layers)]
+        if isinstance(kernel, ClusterKernel) and not any(plan.clusters for plan in plans):
+            raise ValueError(f"kernel {kernel.name!r}: no layer's state budget holds a cluster (one costs "
+                             f"{kernel.cluster_cost(head_dim):.1f} tokens at head_dim {head_dim}, with more than "
+                             f"window_size={policy.window_size} tokens kept exact); raise state_budget or "
+                             f"max_capacity_prompt")
+        plainly = [layer for layer, plan in enumerate(plans) if plan.clusters == 0]
+        if isinstance(kernel, ClusterKernel) and plainly:
+            logger.info("kernel %s: layers %s have too small a budget for a cluster and evict plainly",
+                        kernel.name, plainly)
+    return compressor
+
+
+def model_shape(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a decoder."""
+    config = model.config.get_text_config(decoder=True)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
 @contextmanager
 def compress(model, method: str = "snapkv", max_capacity_prompt=2048, window_size=None, kernel_size: int = 7,
-             pooling: str = "maxpool", gqa_reduce: str = "mean", kernel=None, **method_params):
+             pooling: str = "maxpool", gqa_reduce: str = "mean", kernel=None, state_budget=None, cluster_by=None,
+             rank=None, kernel_path=None, ratchet=None, **method_params):
     """Patch this model's attention for the duration of the block; leaving it restores the model.
 
     method: one of ntkkv.METHODS (case-insensitive); "fullkv" leaves the model untouched.
-    max_capacity_prompt: K/V entries kept per layer and KV head (an int, or a list per layer).
+    max_capacity_prompt: memory per layer and KV head in token equivalents (an int, or a list per
+        layer): exact K/V entries plus, with a kernel, the summary of the evicted tokens.
     window_size: last tokens always kept (None: 8, or budget - 4 for StreamingLLM).
-    kernel: optional factory of states for evicted tokens (see ntkkv.kernels).
+    kernel: what happens to evicted tokens: one of ntkkv.KERNELS ("none": dropped) or a kernel object.
+    state_budget: the share of the budget the kernel may use (a fraction < 1, or tokens); default 1/8.
+    cluster_by: "kmeans" (default) or "position"; rank: taylor2_lowrank's rank (default 4);
+    kernel_path: the file of a learned kernel (train_kernel.py).
+    ratchet: keep at most this many generated tokens exact; older ones fold into the kernel's
+        summary (dropped without a kernel), so memory stays flat. None: generated tokens all stay.
     """
     from .models import check_attn_implementation, check_supported
 
-    policy = build_method(method, max_capacity_prompt, window_size, kernel_size=kernel_size, pooling=pooling,
-                          gqa_reduce=gqa_reduce, **method_params)
-    if policy is None:
+    compressor = build_compressor(method, max_capacity_prompt, window_size, kernel_size, pooling, gqa_reduce, kernel,
+                                  state_budget, cluster_by, rank, kernel_path, ratchet, model_shape(model),
+                                  **method_params)
+    if compressor is None:
         yield model
         return
     check_supported(model)
@@ -174,8 +288,6 @@ def compress(model, method: str = "snapkv", max_capacity_prompt=2048, window_siz
     modules = _attention_modules(model)
     if any("forward" in vars(module) for module in modules):
         raise RuntimeError("this model is already patched: leave the enclosing ntkkv.compress block first")
-    policy.layer_budgets(len(modules))  # a per-layer list of the wrong length fails here, not mid-forward
-    compressor = Compressor(policy, kernel)
     for module in modules:
         module.forward = MethodType(compressed_attention_forward, module)
         module.ntkkv = compressor
@@ -189,15 +301,13 @@ def compress(model, method: str = "snapkv", max_capacity_prompt=2048, window_siz
 def _replace_class(attention_class, method, params):
     if "_ntkkv_original_forward" not in vars(attention_class):
         attention_class._ntkkv_original_forward = attention_class.forward
-    params = dict(params)
-    kernel = params.pop("kernel", None)
-    policy = build_method(method, **params)
-    if policy is None:
+    compressor = build_compressor(method, **params)
+    if compressor is None:
         attention_class.forward = attention_class._ntkkv_original_forward
         attention_class.ntkkv = None
         return
     attention_class.forward = compressed_attention_forward
-    attention_class.ntkkv = Compressor(policy, kernel)
+    attention_class.ntkkv = compressor
 
 
 def replace_llama(method: str = "snapkv", **params) -> None:

@@ -23,6 +23,7 @@ class CompressedLayer(CacheLayerMixin):
         `slot_bias()` gives the whole row.
     logical_length: tokens this layer has seen (prompt + generated).
     state: a `KernelState` holding evicted tokens, or None.
+    merged_slots: the first slots stand for merged evicted tokens (bias log n), not for one token each.
     """
 
     is_sliding = False
@@ -34,6 +35,8 @@ class CompressedLayer(CacheLayerMixin):
         self.bias: torch.Tensor | None = None
         self.logical_length = 0
         self.state = None
+        self.merged_slots = 0
+        self.prefill_tokens: list[int] = []  # token slots each sample kept at the prefill
         self.selected = False  # True once a method has chosen what this layer keeps
         self.masked = False  # any slot with a non-zero bias; kept on the host so decode never syncs
 
@@ -41,14 +44,40 @@ class CompressedLayer(CacheLayerMixin):
         self.device = key_states.device
         self.is_initialized = True
 
-    def store(self, keys, values, bias, logical_length: int, state=None) -> None:
+    def store(self, keys, values, bias, logical_length: int, state=None, merged_slots: int = 0) -> None:
         """Replace the contents (the prefill's compressed result)."""
         self.lazy_initialization(keys, values)
         self.keys, self.values, self.bias = keys, values, bias.float()
         self.masked = bool((self.bias != 0).any())
         self.logical_length = logical_length
-        self.state = state
+        self.state, self.merged_slots = state, merged_slots
         self.selected = True
+        self.prefill_tokens = self.real_slots_per_sample()
+
+    def appended_slots(self) -> int:
+        return self.num_slots() - self.bias.shape[-1]
+
+    def pop_oldest_appended(self, count: int):
+        """Remove the `count` oldest appended slots and return their keys and values (the ratchet)."""
+        stored = self.bias.shape[-1]
+        popped = self.keys[:, :, stored : stored + count], self.values[:, :, stored : stored + count]
+        self.keys = torch.cat([self.keys[:, :, :stored], self.keys[:, :, stored + count :]], dim=-2)
+        self.values = torch.cat([self.values[:, :, :stored], self.values[:, :, stored + count :]], dim=-2)
+        return popped
+
+    def add_merged_slots(self, count: int) -> None:
+        """Put `count` empty merged slots (bias -inf) in front, for the ratchet to fold into."""
+        batch, kv_heads, _, head_dim = self.keys.shape
+        empty = self.keys.new_zeros(batch, kv_heads, count, head_dim)
+        self.keys, self.values = torch.cat([empty, self.keys], dim=-2), torch.cat([empty, self.values], dim=-2)
+        self.bias = torch.cat([self.bias.new_full((batch, kv_heads, count), -math.inf), self.bias], dim=-1)
+        self.merged_slots += count
+        self.masked = True
+
+    def state_tokens(self) -> float:
+        """Memory per KV head, in token equivalents, of what stands for evicted tokens: merged
+        slots and the kernel state."""
+        return self.merged_slots + (self.state.size_in_tokens() if self.state is not None else 0.0)
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Append new tokens (bias 0) and return everything held."""
@@ -81,15 +110,17 @@ class CompressedLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def real_slots_per_sample(self) -> list[int]:
-        """Slots of each sample that are not padding, the most over its KV heads."""
+        """Token slots of each sample that are not padding, the most over its KV heads (merged
+        slots are counted by `state_tokens`, not here)."""
         if self.bias is None:
             return []
-        appended = self.num_slots() - self.bias.shape[-1]
-        return ((self.bias > -math.inf).sum(dim=-1).amax(dim=-1) + appended).tolist()
+        tokens = self.bias[:, :, self.merged_slots :]
+        return ((tokens > -math.inf).sum(dim=-1).amax(dim=-1) + self.appended_slots()).tolist()
 
     def reset(self) -> None:
         self.keys = self.values = self.bias = self.state = None
-        self.logical_length = 0
+        self.logical_length = self.merged_slots = 0
+        self.prefill_tokens = []
         self.is_initialized = self.selected = self.masked = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -144,13 +175,15 @@ def ensure_compressed_layer(cache, layer_idx: int) -> CompressedLayer:
 
 
 def kv_lengths(cache, per_sample: bool = False):
-    """K/V entries each layer holds: list[int] per layer, or [sample][layer] without padding.
+    """Token K/V entries each layer holds: list[int] per layer, or [sample][layer] without padding.
+    Merged slots are not tokens: `state_sizes` counts them with the kernel state.
 
     Works on a plain DynamicCache too (then nothing is compressed and padding is counted).
     """
     layers = list(cache.layers)
     if not per_sample:
-        return [layer.num_slots() if isinstance(layer, CompressedLayer) else layer.get_seq_length() for layer in layers]
+        return [layer.num_slots() - layer.merged_slots if isinstance(layer, CompressedLayer)
+                else layer.get_seq_length() for layer in layers]
     per_layer = []
     for layer in layers:
         if isinstance(layer, CompressedLayer):
@@ -158,3 +191,8 @@ def kv_lengths(cache, per_sample: bool = False):
         else:
             per_layer.append([layer.get_seq_length()] * (layer.keys.shape[0] if layer.is_initialized else 0))
     return [list(sample) for sample in zip(*per_layer)]
+
+
+def state_sizes(cache) -> list[float]:
+    """Per layer, the memory per KV head (token equivalents) of merged slots and kernel state."""
+    return [layer.state_tokens() if isinstance(layer, CompressedLayer) else 0.0 for layer in cache.layers]

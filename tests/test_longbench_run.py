@@ -390,3 +390,11 @@ def test_malformed_data_line_stops_with_file_and_line_or_is_skipped(model_dir, d
         run_cli(*arguments)
     run_cli(*arguments, "--on_bad_line", "skip")
     assert len(read_jsonl(tmp_path / "out" / "m_16" / "multi_news" / "SnapKV.json")) == 5
+
+
+def test_run_with_a_kernel_writes_its_own_file_with_the_state_memory(model_dir, data_dir, tmp_path):
+    run_cli(*cli_arguments(model_dir, data_dir, tmp_path, "--datasets", "multi_news", "--max_length", 80,
+                           "--model_name", "tiny", "--kernel", "merge", "--state_budget", "4", budget=24))
+    records = predictions_by_id(tmp_path / "tiny_24" / "multi_news" / "SnapKV_merge_sb4.json")
+    assert {tuple(record["kv_kept"]) for record in records.values()} == {(20, 20)}
+    assert {tuple(record["kv_state"]) for record in records.values()} == {(4.0, 4.0)}

@@ -263,8 +263,8 @@ def test_a_custom_needle_has_no_key_facts_unless_given():
 
 
 def _sweep(tmp_path, essays, model, tokenizer, **overrides):
-    settings = dict(context_lengths=[500, 800], depth_percents=[0, 50, 100], save_dir=str(tmp_path / "out"),
-                    model_name="tiny", eval_batch_size=1)
+    settings = {"context_lengths": [500, 800], "depth_percents": [0, 50, 100], "save_dir": str(tmp_path / "out"),
+                "model_name": "tiny", "eval_batch_size": 1}
     settings.update(overrides)
     test = needle.NeedleTest(**settings)
     return test, test.run(model, tokenizer, needle.Haystack(tokenizer, essays))
@@ -325,6 +325,102 @@ def test_batched_cells_give_the_unbatched_answers(tmp_path, essays, tiny):
     assert {r["batch_size"] for r in batched} == {4, 2}
     fields = ("context_length", "depth_percent", "prompt_length", "model_response", "kv_lengths")
     assert [[r[f] for f in fields] for r in batched] == [[r[f] for f in fields] for r in one_by_one]
+
+
+# -- the question outside the compressed part ------------------------------------------
+
+TINY_CHAT_TEMPLATE = ("{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """conftest's small byte-level BPE, with a chat template whose turns are marked by its special tokens."""
+    from conftest import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "tiny_tokenizer"])
+@pytest.mark.parametrize("depth", [0, 50, 100])
+def test_prompt_split_is_the_one_prompt_cut_after_the_book(request, which, essays, depth):
+    tokenizer = request.getfixturevalue(which)
+    text, _ = needle.Haystack(tokenizer, essays).context(600, depth)
+    context_ids, question_ids = needle.split_prompt_ids(tokenizer, text, needle.DEFAULT_RETRIEVAL_QUESTION)
+    prompt = needle.build_prompt(tokenizer, text, needle.DEFAULT_RETRIEVAL_QUESTION)
+    assert context_ids + question_ids == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(context_ids).endswith(f"{text} </book>.\n")
+    question = tokenizer.decode(question_ids)
+    assert question.startswith(" Based on the content of the book, Question: " + needle.DEFAULT_RETRIEVAL_QUESTION)
+    assert prompt.endswith(question)
+
+
+def test_a_cut_inside_a_token_moves_back_to_its_start(tiny_tokenizer):
+    text = "The quick brown fox jumps over the lazy dog."
+    head, tail = needle.split_token_ids(tiny_tokenizer, text, text.index("quick") + 2)  # "The qu|ick"
+    assert head + tail == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.decode(head) == "The"
+    assert tiny_tokenizer.decode(tail).startswith(" quick")
+
+
+def test_question_outside_with_full_kv_gives_the_question_inside_answers(tmp_path, essays, tiny):
+    model, tokenizer = tiny
+    _, inside = _sweep(tmp_path, essays, model, tokenizer, context_lengths=[500])
+    test, outside = _sweep(tmp_path, essays, model, tokenizer, context_lengths=[500], question_outside=True)
+    assert test.results_dir == tmp_path / "out" / "results" / "tiny_fullkv_qout"
+    fields = ("context_length", "depth_percent", "prompt_length", "model_response", "kv_lengths")
+    assert [[r[f] for f in fields] for r in outside] == [[r[f] for f in fields] for r in inside]
+    question_length = len(needle.split_prompt_ids(tokenizer, "", needle.DEFAULT_RETRIEVAL_QUESTION)[1])
+    for record in outside:
+        assert json.loads(test.result_path(record["context_length"], record["depth_percent"]).read_text()) == record
+        assert (record["question_outside"], record["question_length"]) == (True, question_length)
+    assert {(r["question_outside"], r["question_length"]) for r in inside} == {(False, None)}
+
+
+def test_question_outside_cells_hold_the_budget_plus_the_question_batched_or_not(tmp_path, essays, tiny):
+    model, tokenizer = tiny
+    settings = {"method": "snapkv", "max_capacity_prompt": 64, "question_outside": True}
+    test, one_by_one = _sweep(tmp_path / "a", essays, model, tokenizer, **settings)
+    _, batched = _sweep(tmp_path / "b", essays, model, tokenizer, eval_batch_size=4, **settings)
+    assert test.results_dir.name == "tiny_snapkv_64_qout"
+    assert {r["batch_size"] for r in batched} == {4, 2}
+    fields = ("context_length", "depth_percent", "prompt_length", "model_response", "kv_lengths")
+    assert [[r[f] for f in fields] for r in batched] == [[r[f] for f in fields] for r in one_by_one]
+    for record in one_by_one:
+        assert record["kv_lengths"] == [64 + record["question_length"]] * model.config.num_hidden_layers
+
+
+def test_question_outside_resumes_and_is_not_mixed_with_question_inside(tmp_path, essays, tiny):
+    model, tokenizer = tiny
+    settings = {"context_lengths": [500], "depth_percents": [50], "method": "snapkv", "max_capacity_prompt": 64}
+    inside_test, _ = _sweep(tmp_path, essays, model, tokenizer, **settings)
+    _, outside = _sweep(tmp_path, essays, model, tokenizer, question_outside=True, **settings)
+    assert len(outside) == 1
+    _, again = _sweep(tmp_path, essays, model, tokenizer, question_outside=True, **settings)
+    assert again == []
+    with pytest.raises(ValueError, match="another run.*question_outside"):
+        _sweep(tmp_path, essays, model, tokenizer, question_outside=True, model_version=inside_test.model_version,
+               **settings)
+    # a cell written before the mode existed has no question_outside: its question was inside
+    path = inside_test.result_path(500, 50)
+    record = json.loads(path.read_text())
+    del record["question_outside"]
+    path.write_text(json.dumps(record))
+    assert _sweep(tmp_path, essays, model, tokenizer, **settings)[1] == []
+
+
+def test_cli_question_outside_reaches_every_test_and_its_results(tiny_dir, essays, tmp_path):
+    script = load_script("run_needle_in_haystack.py")
+    assert script.parse_args(["--s_len", "500", "--e_len", "500"]).question_outside is False
+    script.main(["--s_len", "500", "--e_len", "500", "--depths", "50", "--model_name", str(tiny_dir),
+                 "--method", "fullkv", "snapkv", "--max_capacity_prompt", "64", "--question_outside",
+                 "--haystack_dir", str(essays), "--save_dir", str(tmp_path / "out")])
+    folders = sorted(p.name for p in (tmp_path / "out" / "results").iterdir())
+    assert folders == [f"{tiny_dir.name}_fullkv_qout", f"{tiny_dir.name}_snapkv_64_qout"]
+    records = needle.load_results(tmp_path / "out")
+    assert [r["question_outside"] for r in records] == [True, True]
 
 
 # -- heatmaps --------------------------------------------------------------------------
@@ -420,3 +516,19 @@ def test_smollm2_with_full_kv_finds_the_needle(smollm2, tmp_path):
     assert record["score"] > 8
     assert record["kv_lengths"] == [record["prompt_length"]] * 30
 
+
+
+def test_cli_kernel_flags_name_the_results_and_are_recorded(tiny_dir, essays, tmp_path):
+    script = load_script("run_needle_in_haystack.py")
+    out = tmp_path / "out"
+    arguments = ["--s_len", "500", "--e_len", "500", "--depths", "50", "--model_name", str(tiny_dir),
+                 "--method", "snapkv", "--max_capacity_prompt", "64", "--kernel", "merge", "--state_budget", "0.25",
+                 "--haystack_dir", str(essays), "--save_dir", str(out)]
+    script.main(arguments)
+    (folder,) = (out / "results").iterdir()
+    assert folder.name == f"{tiny_dir.name}_snapkv_merge_sb0.25_64"
+    (record,) = needle.load_results(out)
+    assert record["compression"] == {"kernel": "merge", "state_budget": 0.25}
+    assert record["kv_lengths"] == [48] * 2 and record["kv_state"] == [16.0] * 2
+    with pytest.raises(ValueError, match="unknown kernel .nope."):
+        script.main([*arguments[:-6], "--kernel", "nope", "--save_dir", str(out)])

@@ -120,7 +120,7 @@ def generate_batch(model, tokenizer, batch_ids, settings, max_new_tokens, stop_i
         )
     answers = [cut_at_stop(new_tokens, stop_ids) for new_tokens in output.new_tokens]
     predictions = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
-    return predictions, [len(answer) for answer in answers], output.kv_lengths
+    return predictions, [len(answer) for answer in answers], output.kv_lengths, output.state_tokens
 
 
 def run_dataset(model, tokenizer, dataset, examples, output_path, settings, shard=Shard(), on_bad_line="stop"):
@@ -152,16 +152,18 @@ def run_dataset(model, tokenizer, dataset, examples, output_path, settings, shar
             batch = pending[start : start + settings.eval_batch_size]
             batch_ids = [prompt_ids[example["_id"]] for example in batch]
             started = time.perf_counter()
-            predictions, answer_lengths, kv_lengths = generate_batch(
+            predictions, answer_lengths, kv_lengths, state_tokens = generate_batch(
                 model, tokenizer, batch_ids, settings, max_new_tokens, stop_ids
             )
             seconds = (time.perf_counter() - started) / len(batch)
-            for example, ids, prediction, answer_length, kept in zip(
-                batch, batch_ids, predictions, answer_lengths, kv_lengths
+            for example, ids, prediction, answer_length, kept, state in zip(
+                batch, batch_ids, predictions, answer_lengths, kv_lengths, state_tokens
             ):
                 kept = [int(entries) for entries in kept]
-                writer.write({**example, "pred": prediction, "prompt_tokens": len(ids),
-                              "answer_tokens": answer_length, "kv_kept": kept, "seconds": round(seconds, 3)})
+                # kv_state: memory (token equivalents) of merged slots and kernel state standing for evicted tokens
+                writer.write({**example, "pred": prediction, "prompt_tokens": len(ids), "answer_tokens": answer_length,
+                              "kv_kept": kept, "kv_state": [round(float(n), 3) for n in state],
+                              "seconds": round(seconds, 3)})
                 kept_means.append(sum(kept) / max(len(kept), 1))
             progress.update(len(batch))
     return kept_means

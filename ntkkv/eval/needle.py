@@ -4,6 +4,10 @@ The haystack is built as the seed's LLMNeedleHaystackTester builds it: the essay
 concatenated and tokenised, cut to the context length, cut again by a buffer and the
 needle's length, and the needle is inserted at the requested depth, moved back to the
 nearest sentence end (a period token). Each (context length, depth) cell is one JSON file.
+
+With `question_outside`, only the context is compressed (kvpress's question-agnostic setting):
+the prompt is cut after the book, the part before the cut is prefilled and compressed, and the
+question, the end of the user turn and the assistant header are read over the compressed cache.
 """
 
 import dataclasses
@@ -19,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import ntkkv
+from ntkkv.eval.options import run_label
 from ntkkv.methods import canonical_name
 
 logger = logging.getLogger(__name__)
@@ -175,17 +180,55 @@ class Haystack:
         return _decode(self.tokenizer, tokens), insertion_point
 
 
+def _message_parts(context, retrieval_question):
+    """The seed's user message in two parts: the book, which does not depend on the question, and the question."""
+    book = f"This is a very long story book: <book> {context} </book>.\n"
+    question = f" Based on the content of the book, Question: {retrieval_question}\nAnswer:"
+    return book, question
+
+
 def build_prompt(tokenizer, context, retrieval_question):
     """The seed's question after the haystack, wrapped in the model's chat template."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; the needle test needs an instruction-tuned model")
-    content = (
-        f"This is a very long story book: <book> {context} </book>.\n"
-        f" Based on the content of the book, Question: {retrieval_question}\nAnswer:"
-    )
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": "".join(_message_parts(context, retrieval_question))}],
+        add_generation_prompt=True, tokenize=False,
     )
+
+
+def split_prompt_ids(tokenizer, context, retrieval_question):
+    """The chat prompt's token ids cut after the book: (context ids, question ids).
+
+    The context ids are the template up to and including the book's closing `</book>.` and its
+    newline; the question ids are the rest: the question, the end of the user turn and the
+    assistant header. Together they are the one-prompt tokenisation (see `split_token_ids`).
+    """
+    prompt = build_prompt(tokenizer, context, retrieval_question)
+    book, question = _message_parts(context, retrieval_question)
+    start = prompt.find(book + question)
+    if start < 0:
+        raise ValueError("the chat template rewrites the user message: cannot find where the book ends in the prompt")
+    return split_token_ids(tokenizer, prompt, start + len(book))
+
+
+def split_token_ids(tokenizer, text, cut):
+    """(head, tail) with head + tail == the token ids of `text` and head those of `text[:cut]`.
+
+    The ids are always the whole text's tokenisation. Where a token spans the cut (the tokenizer
+    merges across it), the cut moves back to the start of that token, which goes to the tail.
+    """
+    ids = _encode_prompt(tokenizer, text)
+    head = _encode_prompt(tokenizer, text[:cut])
+    shared = 0
+    while shared < min(len(head), len(ids)) and head[shared] == ids[shared]:
+        shared += 1
+    return ids[:shared], ids[shared:]
+
+
+def _encode_prompt(tokenizer, text):
+    # as the prompts are tokenised for generation: the chat template already holds the special tokens
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 _rouge_scorer = None
@@ -228,7 +271,7 @@ class NeedleTest:
     """K/V entries kept per layer after prefill (ignored by fullkv)."""
     model_name: str = "smollm2"
     model_version: str = None
-    """Names the results folder; default '<model>_<method>_<budget>'."""
+    """Names the results folder; default '<model>_<method>_<budget>', with '_qout' when question_outside."""
     save_dir: str = "results_needle"
     needle: str = DEFAULT_NEEDLE
     retrieval_question: str = DEFAULT_RETRIEVAL_QUESTION
@@ -238,6 +281,10 @@ class NeedleTest:
     results_version: int = 1
     compress_kwargs: dict = dataclasses.field(default_factory=dict)
     """Passed on to ntkkv.compress (window_size, kernel_size, pooling, ...)."""
+    question_outside: bool = False
+    """Compress only the context: prefill the prompt up to the end of the book, then read the
+    question (and the rest of the template) over the compressed cache. False: the whole prompt
+    is prefilled and compressed, the question inside it (the seed's setting)."""
 
     def __post_init__(self):
         # 'full' is the seed's name for fullkv
@@ -246,7 +293,9 @@ class NeedleTest:
             self.key_facts = DEFAULT_KEY_FACTS if self.needle == DEFAULT_NEEDLE else ()
         if self.model_version is None:
             budget = "" if self.method == "fullkv" else f"_{self.max_capacity_prompt}"
-            self.model_version = f"{model_short_name(self.model_name)}_{self.method}{budget}"
+            question = "_qout" if self.question_outside else ""
+            label = run_label(self.method, self.compress_kwargs)
+            self.model_version = f"{model_short_name(self.model_name)}_{label}{budget}{question}"
         if self.eval_batch_size < 1:
             raise ValueError(f"--eval_batch_size must be at least 1, got {self.eval_batch_size}")
 
@@ -256,7 +305,7 @@ class NeedleTest:
 
     def result_path(self, context_length, depth_percent):
         # the seed's file names: depth in hundredths of a percent
-        stem = f"{self.model_version.replace('.', '_')}_len_{context_length}_depth_{int(round(depth_percent * 100))}"
+        stem = f"{self.model_version.replace('.', '_')}_len_{context_length}_depth_{round(depth_percent * 100)}"
         return self.results_dir / f"{stem}_results.json"
 
     def cells(self):
@@ -266,9 +315,11 @@ class NeedleTest:
         path = self.result_path(context_length, depth_percent)
         if not path.exists():
             return False
-        done = json.loads(path.read_text())
+        # cells written before the question_outside mode and the kernels existed: question inside, no options
+        done = {"question_outside": False, "compression": {}, **json.loads(path.read_text())}
         expected = {"method": self.method, "max_capacity_prompt": self._budget(), "needle": self.needle,
-                    "version": self.results_version}
+                    "version": self.results_version, "question_outside": self.question_outside,
+                    "compression": self._compression()}
         mismatched = {k: done.get(k) for k, v in expected.items() if done.get(k) != v}
         if mismatched:
             raise ValueError(
@@ -279,6 +330,13 @@ class NeedleTest:
 
     def _budget(self):
         return None if self.method == "fullkv" else self.max_capacity_prompt
+
+    def _compression(self):
+        """The compression options as recorded (JSON types); none for fullkv."""
+        if self.method == "fullkv":
+            return {}
+        return {name: value if isinstance(value, (int, float, str, bool)) else repr(value)
+                for name, value in self.compress_kwargs.items()}
 
     def run(self, model, tokenizer, haystack):
         """Run every cell not done yet; returns the records written by this call."""
@@ -292,22 +350,28 @@ class NeedleTest:
         # similar lengths in one batch waste less padding
         todo.sort()
         records = []
-        with ntkkv.compress(model, method=self.method, max_capacity_prompt=self.max_capacity_prompt,
-                            **self.compress_kwargs):
-            with tqdm(total=len(todo), desc=self.model_version, unit="cell") as progress:
-                for start in range(0, len(todo), self.eval_batch_size):
-                    batch = todo[start:start + self.eval_batch_size]
-                    for record in self._run_batch(model, tokenizer, haystack, batch):
-                        self.result_path(record["context_length"], record["depth_percent"]).write_text(
-                            json.dumps(record, ensure_ascii=False, indent=1))
-                        records.append(record)
-                    progress.update(len(batch))
+        with (ntkkv.compress(model, method=self.method, max_capacity_prompt=self.max_capacity_prompt,
+                             **self.compress_kwargs),
+              tqdm(total=len(todo), desc=self.model_version, unit="cell") as progress):
+            for start in range(0, len(todo), self.eval_batch_size):
+                batch = todo[start:start + self.eval_batch_size]
+                for record in self._run_batch(model, tokenizer, haystack, batch):
+                    self.result_path(record["context_length"], record["depth_percent"]).write_text(
+                        json.dumps(record, ensure_ascii=False, indent=1))
+                    records.append(record)
+                progress.update(len(batch))
         return records
 
     def _run_batch(self, model, tokenizer, haystack, batch):
         contexts = [haystack.context(length, depth) for length, depth in batch]
-        prompts = [build_prompt(tokenizer, text, self.retrieval_question) for text, _ in contexts]
-        inputs = _tokenize_left_padded(tokenizer, prompts, model.device)
+        question_length = None
+        if self.question_outside:
+            parts = [split_prompt_ids(tokenizer, text, self.retrieval_question) for text, _ in contexts]
+            inputs, question_length = _split_left_padded(tokenizer, parts, model.device)
+        else:
+            prompts = [build_prompt(tokenizer, text, self.retrieval_question) for text, _ in contexts]
+            inputs = _tokenize_left_padded(tokenizer, prompts, model.device)
+        prompt_width = inputs["input_ids"].shape[1]
         newline_id = _encode(tokenizer, "\n")[-1]
         started = time.perf_counter()
         with torch.inference_mode():
@@ -315,6 +379,7 @@ class NeedleTest:
                 model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=MAX_NEW_TOKENS,
                 do_sample=False, num_beams=1, eos_token_id=[tokenizer.eos_token_id, newline_id],
                 pad_token_id=tokenizer.pad_token_id,
+                prefill_length=None if question_length is None else prompt_width - question_length,
             )
         duration = time.perf_counter() - started
         for i, (length, depth) in enumerate(batch):
@@ -332,12 +397,18 @@ class NeedleTest:
                 "key_facts_score": key_facts_score(response, self.key_facts),
                 "method": self.method,
                 "max_capacity_prompt": self._budget(),
+                "question_outside": self.question_outside,
+                # tokens read after the compression (question, end of turn, assistant header); None if inside
+                "question_length": question_length,
                 "prompt_length": int(inputs["attention_mask"][i].sum()),
                 "needle_token_position": contexts[i][1],
                 "kv_lengths": [int(n) for n in out.kv_lengths[i]],
+                # memory of what stands for evicted tokens (merged slots, kernel state), token equivalents
+                "kv_state": [round(float(n), 3) for n in out.state_tokens[i]],
+                "compression": self._compression(),
                 "batch_size": len(batch),
                 "test_duration_seconds": duration,
-                "test_timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S%z"),
+                "test_timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S%z"),  # noqa: UP017 (3.10 has no datetime.UTC)
             }
 
 
@@ -345,12 +416,35 @@ def _tokenize_left_padded(tokenizer, prompts, device):
     # the chat template already holds the special tokens
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        _ensure_pad_token(tokenizer)
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tokenizer.padding_side = padding_side
     return {name: tensor.to(device) for name, tensor in inputs.items()}
+
+
+def _split_left_padded(tokenizer, parts, device):
+    """Prompts from (context ids, question ids) pairs, padded on the left of the context; returns
+    (inputs, question length). The question must be as long for every sample: it is read after the
+    compression as one block of columns."""
+    question_lengths = {len(question) for _, question in parts}
+    if len(question_lengths) > 1:
+        raise ValueError(f"the question tokenises to {sorted(question_lengths)} tokens across the batch; "
+                         "run with eval_batch_size 1")
+    _ensure_pad_token(tokenizer)
+    rows = [context + question for context, question in parts]
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        attention_mask[i, width - len(row):] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}, question_lengths.pop()
+
+
+def _ensure_pad_token(tokenizer):
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def load_results(results_dir):

@@ -1,5 +1,15 @@
-"""States that keep evicted tokens' share of attention, read through a kernel at decode time."""
+"""What happens to evicted tokens: kernels by name (`build_kernel`), their states, and the
+log-sum-exp merge with the softmax over kept slots."""
 
-from .state import ExactKernel, ExactState, KernelState, LinearKernel, LinearState, merge_attention
+from .registry import KERNELS, ClusterKernel, KernelPlan, Summary, build_kernel
+from .state import (
+           ExactKernel,
+           ExactState,
+           KernelState,
+           LinearKernel,
+           LinearState,
+           merge_attention,
+)
 
-__all__ = ["ExactKernel", "ExactState", "KernelState", "LinearKernel", "LinearState", "merge_attention"]
+__all__ = ["KERNELS", "ClusterKernel", "ExactKernel", "ExactState", "KernelPlan", "KernelState", "LinearKernel",
+           "LinearState", "Summary", "build_kernel", "merge_attention"]

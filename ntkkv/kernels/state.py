@@ -12,9 +12,12 @@ A kernel is a factory of states (`new_state`); a state's memory is counted in to
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
+
+from .registry import KernelPlan, Summary
 
 
 class KernelState(Protocol):
@@ -103,18 +106,52 @@ class ExactState:
         return 0.0 if self.keys is None else float(self.keys.shape[-2])
 
 
-class ExactKernel:
-    """Factory of `ExactState`s (the exact exponential kernel)."""
+class StateKernel:
+    """A kernel whose evicted tokens all fold into one state (`new_state`)."""
+
+    name = "state"
+
+    def state_size(self, head_dim: int) -> float:
+        return 0.0
+
+    def plan(self, budget: int, head_dim: int, min_kept: int = 1) -> KernelPlan:
+        size = self.state_size(head_dim)
+        if budget - math.ceil(size) < min_kept:
+            raise ValueError(f"kernel {self.name!r}: its state ({size:.1f} tokens) leaves fewer than {min_kept} "
+                             f"exact tokens in a budget of {budget}")
+        return KernelPlan(budget - math.ceil(size), 0, size)
+
+    def check_model(self, num_layers: int, kv_heads: int, head_dim: int) -> None:
+        pass
+
+    def summarise(self, keys, values, evicted, plan, layer_idx, window_queries=None, scaling=None) -> Summary:
+        state = self.new_state()
+        state.fold(keys, values, evicted.float())
+        return Summary(state=state)
+
+
+class ExactKernel(StateKernel):
+    """Factory of `ExactState`s (the exact exponential kernel). A test double and the ceiling of
+    the benchmarks: it keeps every evicted token, and its memory is not counted."""
+
+    name = "exact"
 
     def new_state(self) -> ExactState:
         return ExactState()
 
 
-class LinearKernel:
-    """Factory of `LinearState`s for a feature map φ(x, scaling) with φ(q, s)·φ(k, 1) ≈ exp(s·q·k)."""
+class LinearKernel(StateKernel):
+    """Factory of `LinearState`s for a feature map φ(x, scaling) with φ(q, s)·φ(k, 1) ≈ exp(s·q·k)
+    (one state for all evicted tokens, uncentred); its F·d + F numbers come out of the budget."""
+
+    name = "linear"
 
     def __init__(self, feature_map: Callable[[torch.Tensor, float], torch.Tensor]):
         self.feature_map = feature_map
+
+    def state_size(self, head_dim):
+        features = self.feature_map(torch.zeros(1, head_dim), 1.0).shape[-1]
+        return (features * head_dim + features) / (2 * head_dim)
 
     def new_state(self) -> LinearState:
         return LinearState(self.feature_map)

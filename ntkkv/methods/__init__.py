@@ -35,8 +35,19 @@ def build_method(method: str, max_capacity_prompt=2048, window_size=None, **para
     if window_size is None:
         streaming = cls is StreamingLLM and isinstance(max_capacity_prompt, int)
         window_size = max_capacity_prompt - STREAMING_SINKS if streaming else 8
+        if streaming:
+            params["sinks"] = STREAMING_SINKS
     return cls(max_capacity_prompt=max_capacity_prompt, window_size=window_size, **params)
 
 
-__all__ = ["METHODS", "Method", "SelectionInputs", "build_method", "canonical_name",
-           "H2O", "PyramidKV", "SnapKV", "StreamingLLM"]
+__all__ = [
+    "H2O",
+    "METHODS",
+    "Method",
+    "PyramidKV",
+    "SelectionInputs",
+    "SnapKV",
+    "StreamingLLM",
+    "build_method",
+    "canonical_name",
+]

@@ -7,8 +7,9 @@ keeps the `window_size` last tokens, pools, never keeps padding and picks the to
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,14 @@ class Method:
         if len(budgets) != num_layers:
             raise ValueError(f"got {len(budgets)} per-layer budgets for a model of {num_layers} layers")
         return budgets
+
+    def min_kept(self) -> int:
+        """The fewest exact tokens a layer may keep (more than the window)."""
+        return self.window_size + 1
+
+    def for_budget(self, budget: int) -> Method:
+        """The policy to select `budget` exact tokens with (StreamingLLM adapts its window)."""
+        return self
 
     # -- scoring -------------------------------------------------------------------------------
     def prefix_scores(self, inputs: SelectionInputs, layer_idx: int) -> torch.Tensor:

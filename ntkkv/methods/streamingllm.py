@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -11,10 +11,24 @@ from .base import Method, SelectionInputs
 
 @dataclass
 class StreamingLLM(Method):
-    """Keep the first (budget - window) real tokens and the last `window_size` tokens."""
+    """Keep the first (budget - window) real tokens and the last `window_size` tokens.
+
+    sinks: when set, the window is (budget - sinks) at whatever budget the layer keeps exact,
+    so that a kernel's state, paid out of the budget, shortens the window and not the sinks.
+    """
+
+    sinks: int | None = None
 
     name = "streamingllm"
     pooled = False
+
+    def min_kept(self) -> int:
+        return self.window_size + 1 if self.sinks is None else self.sinks + 1
+
+    def for_budget(self, budget: int) -> StreamingLLM:
+        if self.sinks is None or budget - self.sinks == self.window_size:
+            return self
+        return replace(self, window_size=max(budget - self.sinks, 1))
 
     def prefix_scores(self, inputs: SelectionInputs, layer_idx: int) -> torch.Tensor:
         batch, kv_heads, n, _ = inputs.keys.shape

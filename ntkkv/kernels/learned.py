@@ -1,0 +1,103 @@
+"""A learned positive feature map per layer and KV head (the "NTK" kernel), and its file.
+
+φ_q(x) = exp(W_q x + b_q − ½ α |x|²) and φ_k(δ) = exp(W_k δ + b_k − ½ β |δ|²), with x = s·q
+and δ = k − μ a key centred on its cluster's mean. Started at W_q = c·Ω, W_k = Ω/c, b = 0,
+α = c², β = 1/c² with Ω Gaussian, E[φ_q(x)·φ_k(δ)] = exp(x·δ) (positive random features);
+training then fits W and b so that the merged attention output matches full attention
+(`ntkkv.kernels.training`). The outputs are positive, so the normaliser is too.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FILE_FORMAT = "ntkkv-learned-kernel/1"
+
+
+class LearnedFeatures(nn.Module):
+    """Feature maps for `num_layers` × `kv_heads`, `num_features` features of `head_dim`-vectors."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, num_features: int, scale=None, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        omega = torch.randn(num_layers, kv_heads, num_features, head_dim, generator=generator)
+        # c per layer and head balances the two sides: queries (s·q) and centred keys differ in size
+        scale = torch.ones(num_layers, kv_heads) if scale is None else torch.as_tensor(scale, dtype=torch.float32)
+        self.query_weight = nn.Parameter(omega * scale[..., None, None])
+        self.key_weight = nn.Parameter(omega / scale[..., None, None])
+        self.query_bias = nn.Parameter(torch.zeros(num_layers, kv_heads, num_features))
+        self.key_bias = nn.Parameter(torch.zeros(num_layers, kv_heads, num_features))
+        self.register_buffer("query_damping", scale**2)
+        self.register_buffer("key_damping", scale**-2)
+        self.num_layers, self.kv_heads, self.head_dim, self.num_features = num_layers, kv_heads, head_dim, num_features
+        self.metadata: dict = {}
+
+    def sizes(self, r: int) -> tuple[int, int]:
+        if r != self.head_dim:
+            raise ValueError(f"learned features act on head_dim={self.head_dim} vectors, not {r} (no projection)")
+        return self.num_features, self.num_features
+
+    def log_features(self, x, layer_idx: int, side: str):
+        """x (batch, kv_heads, ..., d) -> log φ (batch, kv_heads, ..., F)."""
+        weight, bias, damping = ((self.query_weight, self.query_bias, self.query_damping) if side == "query"
+                                 else (self.key_weight, self.key_bias, self.key_damping))
+        extra = x.dim() - 3  # dimensions between the heads and the vector
+        shape = (1, self.kv_heads) + (1,) * extra
+        projected = torch.einsum("bh...d,hfd->bh...f", x, weight[layer_idx].to(x))
+        return (projected + bias[layer_idx].to(x).view(*shape, -1)
+                - 0.5 * damping[layer_idx].to(x).view(*shape, 1) * (x * x).sum(dim=-1, keepdim=True)
+                - 0.5 * math.log(self.num_features))
+
+    def forward(self, x, layer_idx: int = 0, side: str = "key"):
+        """(numerator features, normaliser features, log scale); queries come back divided by
+        their largest feature (the log scale) so that exp never overflows."""
+        log_phi = self.log_features(x, layer_idx, side)
+        if side == "query":
+            log_scale = log_phi.amax(dim=-1)
+            features = (log_phi - log_scale[..., None]).exp()
+        else:
+            log_scale = torch.zeros_like(log_phi[..., 0])
+            features = log_phi.exp()
+        return features, features, log_scale
+
+    # -- the file -------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        torch.save({"format": FILE_FORMAT, "num_layers": self.num_layers, "kv_heads": self.kv_heads,
+                    "head_dim": self.head_dim, "num_features": self.num_features,
+                    "state_dict": {name: tensor.detach().cpu() for name, tensor in self.state_dict().items()},
+                    "metadata": self.metadata}, path)
+
+    @classmethod
+    def load(cls, path) -> LearnedFeatures:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"kernel file {str(path)!r} does not exist (train one with train_kernel.py)")
+        not_a_kernel = f"{str(path)!r} is not an ntkkv learned kernel file (format {FILE_FORMAT})"
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # not a torch file, or one holding more than plain tensors and types
+            raise ValueError(f"{not_a_kernel}: {error}") from error
+        if not isinstance(saved, dict) or saved.get("format") != FILE_FORMAT:
+            found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"{not_a_kernel}; found format {found!r}")
+        shape = tuple(saved.get(name) for name in ("num_layers", "kv_heads", "head_dim", "num_features"))
+        if not all(isinstance(size, int) and size > 0 for size in shape):
+            raise ValueError(f"{not_a_kernel}; its (layers, kv_heads, head_dim, features) are {shape}")
+        features = cls(*shape)
+        try:
+            features.load_state_dict(saved["state_dict"])
+        except (KeyError, RuntimeError) as error:  # tensors missing, or not of the declared shape
+            raise ValueError(f"{str(path)!r}: its tensors do not match its declared (layers, kv_heads, head_dim, "
+                             f"features) = {shape}: {error}") from error
+        features.metadata = saved.get("metadata", {})
+        return features
+
+    def check_model(self, num_layers: int, kv_heads: int, head_dim: int) -> None:
+        expected = (self.num_layers, self.kv_heads, self.head_dim)
+        if expected != (num_layers, kv_heads, head_dim):
+            raise ValueError(f"the learned kernel was trained for (layers, kv_heads, head_dim) = {expected}, "
+                             f"this model has {(num_layers, kv_heads, head_dim)}")
