@@ -65,3 +65,24 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(bench, monkeypatch, capsy
 def test_unknown_method_is_refused(bench):
     with pytest.raises(ValueError, match=r"unknown method 'snapkv2'; choose one of: .*pyramidkv"):
         bench.main(FAST + ["--methods", "snapkv2"])
+
+
+def test_fidelity_benchmark_tiny_run_prints_its_table(tmp_path, capsys):
+    """benchmarks/bench_fidelity.py end to end on a tiny random model: eviction is 1.00 of itself,
+    the exact kernel has no error, a state that cannot fit says so, and the JSON is written."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fidelity.py"
+    spec = importlib.util.spec_from_file_location("bench_fidelity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "fidelity.md"
+    assert module.main(["--tiny", "--device", "cpu", "--lengths", "120", "--budgets", "48", "--methods", "snapkv",
+                        "--kernels", "none", "merge_variance", "taylor2", "exact", "--state_budgets", "0.25",
+                        "--decode_tokens", "3", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert table in capsys.readouterr().out
+    rows = {line.split("|")[4].strip(): line for line in table.splitlines() if line.startswith("| 120 |")}
+    assert rows["none"].split("|")[7].strip() == "1.00"
+    assert rows["exact"].split("|")[6].strip() == "0.000"
+    assert "does not fit" in rows["taylor2 0.25"]
+    assert float(rows["merge_variance 0.25"].split("|")[5]) <= 48
+    assert len(__import__("json").loads(out.with_suffix(".json").read_text())) == 4
