@@ -5,7 +5,7 @@ Example (the embedded SmolLM2; on a GPU add --device cuda --dtype bfloat16):
     python train_kernel.py --context_length 2048 --sequences 8 --held_out 2 --steps 300 --output kernel.pt
 
 It prints the held-aside table (relative L2 error of attention outputs for eviction alone,
-merged slots, the random-feature init and the trained map, all at the same memory) and
+merged slots, the map at its init and trained, all at the same memory) and
 writes the loss curves to --plot.
 """
 
@@ -56,6 +56,8 @@ def parse_args(argv=None):
                         help="AdamW's decay towards 0 (0: Adam); the map overfits small calibration sets")
     parser.add_argument("--eval_every", type=int, default=defaults.eval_every, help="held-aside loss every this many steps")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="of the random features training starts from")
+    parser.add_argument("--init", default=defaults.init,
+                        help="random (positive random features) or merge (start at the merged slot, learn a correction)")
     parser.add_argument("--device", default="cpu", help=f"where the model runs: {', '.join(DEVICES)}")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on cpu, bf16 on cuda)")
     parser.add_argument("--output", default="kernel.pt", help="the kernel file")
@@ -66,7 +68,8 @@ def parse_args(argv=None):
             context_length=args.context_length, query_length=args.query_length,
             max_capacity_prompt=args.max_capacity_prompt, state_budget=args.state_budget,
             window_size=args.window_size, num_features=args.num_features, steps=args.steps, lr=args.lr,
-            weight_decay=args.weight_decay, eval_every=args.eval_every, cluster_by=args.cluster_by, seed=args.seed)
+            weight_decay=args.weight_decay, eval_every=args.eval_every, cluster_by=args.cluster_by, seed=args.seed,
+            init=args.init)
         check_args(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
         parser.error(str(error))

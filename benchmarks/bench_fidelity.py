@@ -155,6 +155,7 @@ def load(args, device):
     return ntkkv.load_model(args.model_name, dtype=dtype, device_map=device)
 
 
+@torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

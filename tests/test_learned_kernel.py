@@ -59,7 +59,7 @@ def trained():
     torch.set_num_threads(1)  # these tensors are tiny: more threads only add overhead (10× on a busy machine)
     try:
         features = train(model, random_prompt(192, batch=3, seed=1), random_prompt(192, batch=1, seed=2),
-                         TrainingConfig(**TINY, steps=40))
+                         TrainingConfig(**TINY, steps=40, init="random"))
     finally:
         torch.set_num_threads(threads)
     return model, features
@@ -247,3 +247,48 @@ def test_cli_stops_before_loading_the_model(monkeypatch, capsys, tmp_path):
         cli.main(["--num_features", "-3", "--output", str(tmp_path / "kernel.pt")])
     assert "num_features must be a positive integer, got -3" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_merge_init_starts_each_cluster_as_its_merged_slot():
+    """init="merge": W ≈ 0 and no damping, so φ_q·φ_k ≈ 1 and a cluster reads as n·exp(s·q·μ)
+    with the mean value, which is what a merged slot gives."""
+    from ntkkv.kernels.clusters import assign_clusters, merged_slots
+
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 2, 50, 8, generator=generator)
+    values = torch.randn(1, 2, 50, 8, generator=generator)
+    queries = torch.randn(1, 2, 4, 8, generator=generator)
+    evicted = torch.ones(1, 2, 50, dtype=torch.bool)
+    assignment = assign_clusters(keys, evicted, 3, "kmeans")
+    features = LearnedFeatures(1, 2, 8, 4, init="merge")
+    log_mass, mean = ClusterState(features).build(keys, values, assignment, 3).read(queries, 0.5)
+    slot_keys, slot_values, slot_bias = merged_slots(keys, values, assignment, 3)
+    logits = queries @ slot_keys.transpose(-1, -2) * 0.5 + slot_bias[:, :, None, :]
+    torch.testing.assert_close(log_mass, logits.logsumexp(-1), rtol=0, atol=0.05)
+    torch.testing.assert_close(mean, logits.softmax(-1) @ slot_values, rtol=0, atol=0.05)
+    with pytest.raises(ValueError, match="unknown init 'zeros'; choose one of: random, merge"):
+        LearnedFeatures(1, 2, 8, 4, init="zeros")
+
+
+def test_training_from_the_merged_slot_improves_on_it():
+    """init="merge" starts at merged slots' error; training brings the held-aside error below it."""
+    model = tiny_model()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        features = train(model, random_prompt(192, batch=3, seed=1), random_prompt(192, batch=1, seed=2),
+                         TrainingConfig(**TINY, steps=30, init="merge"))
+    finally:
+        torch.set_num_threads(threads)
+    curve, held = features.metadata["train_loss"], features.metadata["held_out"]
+    assert curve[-1] < 0.8 * curve[0]
+    assert held["learned"]["error"] < held["learned_init"]["error"]
+
+
+def test_the_shipped_smollm2_kernel_file_loads_for_smollm2():
+    path = Path(__file__).resolve().parents[1] / "kernels" / "smollm2_learned_f2.pt"
+    features = LearnedFeatures.load(path)
+    features.check_model(30, 3, 64)  # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64
+    assert features.num_features == 2 and features.metadata["settings"]["init"] == "merge"
+    held = features.metadata["held_out"]
+    assert held["learned"]["error"] < held["merge"]["error"] < held["eviction"]["error"]

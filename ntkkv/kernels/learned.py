@@ -4,7 +4,9 @@
 and δ = k − μ a key centred on its cluster's mean. Started at W_q = c·Ω, W_k = Ω/c, b = 0,
 α = c², β = 1/c² with Ω Gaussian, E[φ_q(x)·φ_k(δ)] = exp(x·δ) (positive random features);
 training then fits W and b so that the merged attention output matches full attention
-(`ntkkv.kernels.training`). The outputs are positive, so the normaliser is too.
+(`ntkkv.kernels.training`). `init="merge"` starts instead from W ≈ 0 and no damping, where
+φ_q·φ_k ≈ 1 and each cluster reads as its merged slot (mean key, mean value, log n), and learns a
+correction to it. The outputs are positive, so the normaliser is too.
 """
 
 from __future__ import annotations
@@ -16,23 +18,32 @@ import torch
 from torch import nn
 
 FILE_FORMAT = "ntkkv-learned-kernel/1"
+INITS = ("random", "merge")
+MERGE_INIT_SPREAD = 1e-2
 
 
 class LearnedFeatures(nn.Module):
     """Feature maps for `num_layers` × `kv_heads`, `num_features` features of `head_dim`-vectors."""
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, num_features: int, scale=None, seed: int = 0):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, num_features: int, scale=None, seed: int = 0,
+                 init: str = "random"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of: {', '.join(INITS)}")
         generator = torch.Generator().manual_seed(seed)
         omega = torch.randn(num_layers, kv_heads, num_features, head_dim, generator=generator)
         # c per layer and head balances the two sides: queries (s·q) and centred keys differ in size
         scale = torch.ones(num_layers, kv_heads) if scale is None else torch.as_tensor(scale, dtype=torch.float32)
-        self.query_weight = nn.Parameter(omega * scale[..., None, None])
-        self.key_weight = nn.Parameter(omega / scale[..., None, None])
+        # "merge": W near 0 and no damping, so that φ_q·φ_k ≈ 1 and each cluster starts as its merged
+        # slot; the small random W only breaks the symmetry between features
+        spread = MERGE_INIT_SPREAD if init == "merge" else 1.0
+        self.query_weight = nn.Parameter(spread * omega * scale[..., None, None])
+        self.key_weight = nn.Parameter(spread * omega / scale[..., None, None])
         self.query_bias = nn.Parameter(torch.zeros(num_layers, kv_heads, num_features))
         self.key_bias = nn.Parameter(torch.zeros(num_layers, kv_heads, num_features))
-        self.register_buffer("query_damping", scale**2)
-        self.register_buffer("key_damping", scale**-2)
+        damped = 0.0 if init == "merge" else 1.0
+        self.register_buffer("query_damping", damped * scale**2)
+        self.register_buffer("key_damping", damped * scale**-2)
         self.num_layers, self.kv_heads, self.head_dim, self.num_features = num_layers, kv_heads, head_dim, num_features
         self.metadata: dict = {}
 

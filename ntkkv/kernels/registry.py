@@ -218,7 +218,7 @@ class LearnedKernel(ClusterKernel):
 
         if self.kernel_path is None:
             raise ValueError("kernel 'learned' needs kernel_path: a file written by train_kernel.py")
-        self.features = LearnedFeatures.load(self.kernel_path)
+        self.features = LearnedFeatures.load(self.kernel_path).requires_grad_(False)
 
     def cluster_cost(self, head_dim):
         return cluster_state_size(self.features, head_dim, 1)

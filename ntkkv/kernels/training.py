@@ -30,7 +30,7 @@ from transformers.modeling_utils import AttentionInterface
 from ..attention import _attention_modules, model_shape, reference_attention
 from ..methods import SelectionInputs, SnapKV
 from .clusters import CLUSTER_BY, ClusterState, assign_clusters, cluster_means
-from .learned import LearnedFeatures
+from .learned import INITS, LearnedFeatures
 from .registry import ClusterKernel, KernelPlan, LearnedKernel, MergeKernel
 from .state import merge_attention
 
@@ -124,6 +124,8 @@ class TrainingConfig:
     eval_every: the held-aside loss is recorded every this many steps.
     cluster_by: "kmeans" or "position", as the kernel does at inference.
     seed: of the random features the training starts from.
+    init: "merge" (start at the merged slot: W ≈ 0, no damping; the default) or "random" (positive
+        random features, which start far from softmax at these scales and overfit).
     """
 
     context_length: int = 2048
@@ -138,6 +140,7 @@ class TrainingConfig:
     eval_every: int = 25
     cluster_by: str = "kmeans"
     seed: int = 0
+    init: str = "merge"
 
     def __post_init__(self):
         for name in ("context_length", "query_length", "max_capacity_prompt", "window_size", "num_features",
@@ -158,6 +161,8 @@ class TrainingConfig:
         if self.context_length <= self.max_capacity_prompt:
             raise ValueError(f"context_length must be larger than max_capacity_prompt={self.max_capacity_prompt} "
                              f"(else nothing is evicted), got {self.context_length}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(INITS)}")
         if self.cluster_by not in CLUSTER_BY:
             raise ValueError(f"unknown cluster_by {self.cluster_by!r}; choose one of: {', '.join(CLUSTER_BY)}")
         MergeKernel(state_budget=self.state_budget)  # checks state_budget, naming the bad value
@@ -452,7 +457,7 @@ def train(model, train_ids: torch.Tensor, held_out_ids: torch.Tensor, config: Tr
     scale = balancing_scale(objectives["train"], scaling)
     device = calibrations["train"].layers[0].keys.device
     features = LearnedFeatures(num_layers, kv_heads, head_dim, config.num_features, scale=scale,
-                               seed=config.seed).to(device)
+                               seed=config.seed, init=config.init).to(device)
     initial = copy.deepcopy(features)
     logger.info("plans at budget %d: %s", config.max_capacity_prompt, plans)
 
@@ -497,7 +502,7 @@ def train(model, train_ids: torch.Tensor, held_out_ids: torch.Tensor, config: Tr
 # -- reporting --------------------------------------------------------------------------------
 
 TABLE_ROWS = {"eviction": "eviction only (SnapKV)", "merge": "merged slots (MergeKernel)",
-              "learned_init": "learned, random-feature init", "learned": "learned, trained"}
+              "learned_init": "learned, at its init", "learned": "learned, trained"}
 COLOURS = {"eviction": "tab:red", "merge": "tab:green", "learned_init": "tab:gray", "learned": "tab:blue"}
 
 
