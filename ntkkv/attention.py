@@ -21,10 +21,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import CompressedLayer, ensure_compressed_layer
 from .kernels import ClusterKernel, KernelPlan, Summary, build_kernel, merge_attention
-from .kernels.clusters import fold_into_merged_slots
 from .kernels.merge_triton import HEAD_DIMS as FUSED_HEAD_DIMS
 from .kernels.merge_triton import merged_decode_attention
-from .kernels.registry import MergeKernel
 from .methods import Method, SelectionInputs, build_method
 
 # cuDNN's sdpa builds a graph for every new key length (~40 ms on an H200, torch 2.11) and decode
@@ -59,6 +57,7 @@ class Compressor:
             nothing = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=keys.device)
             state = self._summarise(keys, values, nothing, plan, module.layer_idx).state
             layer.store(keys, values, bias, n, state=state)
+            layer.planned_clusters = plan.clusters
             return
         grouped_queries = queries.view(batch, kv_heads, -1, n, head_dim)
         inputs = SelectionInputs(grouped_queries, keys, values, valid, module.scaling)
@@ -78,6 +77,7 @@ class Compressor:
             kept_values = torch.cat([summary.slot_values, kept_values], dim=-2)
             kept_bias = torch.cat([summary.slot_bias, kept_bias], dim=-1)
         layer.store(kept_keys, kept_values, kept_bias, n, summary.state, merged)
+        layer.planned_clusters = plan.clusters
 
     def _summarise(self, keys, values, evicted, plan, layer_idx, window_queries=None, scaling=None) -> Summary:
         if self.kernel is None:
@@ -93,12 +93,8 @@ class Compressor:
         keys, values = layer.pop_oldest_appended(excess)
         if layer.state is not None:
             layer.state.fold(keys, values, keys.new_ones(keys.shape[:3]))
-        elif isinstance(self.kernel, MergeKernel):
-            if layer.merged_slots == 0:  # nothing was evicted at the prefill: make the slots now
-                layer.add_merged_slots(self.plan(layer.num_slots(), keys.shape[-1]).clusters)
-            merged = layer.merged_slots
-            fold_into_merged_slots(layer.keys[:, :, :merged], layer.values[:, :, :merged],
-                                   layer.bias[:, :, :merged], keys, values)
+        elif self.kernel is not None:  # merged slots fold in; without a summary the tokens are dropped
+            self.kernel.fold_into_slots(layer, keys, values)
 
 
 def padding_mask(attention_mask, batch: int, n: int, device) -> torch.Tensor:

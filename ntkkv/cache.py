@@ -36,6 +36,7 @@ class CompressedLayer(CacheLayerMixin):
         self.logical_length = 0
         self.state = None
         self.merged_slots = 0
+        self.planned_clusters = 0  # clusters the kernel's plan gave this layer at the prefill
         self.prefill_tokens: list[int] = []  # token slots each sample kept at the prefill
         self.selected = False  # True once a method has chosen what this layer keeps
         self.masked = False  # any slot with a non-zero bias; kept on the host so decode never syncs
@@ -119,7 +120,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.bias = self.state = None
-        self.logical_length = self.merged_slots = 0
+        self.logical_length = self.merged_slots = self.planned_clusters = 0
         self.prefill_tokens = []
         self.is_initialized = self.selected = self.masked = False
 

@@ -363,3 +363,19 @@ def test_variance_state_reads_the_second_cumulant_and_folds_like_a_rebuild():
     whole = VarianceClusterState().build(keys, values, one, 1)
     for name in ("means", "mean_values", "variances", "counts"):
         torch.testing.assert_close(getattr(grown, name), getattr(whole, name), rtol=1e-4, atol=1e-5)
+
+
+def test_ratchet_folds_into_the_planned_slots_and_a_plainly_evicting_layer_drops():
+    """PyramidKV's top layer gets too small a share for a merged slot: it evicts plainly, and the
+    ratchet drops its old tokens there; the other layers fold into exactly their planned slots."""
+    model = tiny_model()
+    with ntkkv.compress(model, "pyramidkv", max_capacity_prompt=64, kernel="merge", state_budget=0.05, ratchet=2):
+        result = ntkkv.generate(model, random_prompt(300), max_new_tokens=10, min_new_tokens=10)
+    compressor = ntkkv.attention.build_compressor("pyramidkv", 64, kernel="merge", state_budget=0.05)
+    planned = [compressor.plan(budget, 16).clusters for budget in compressor.method.layer_budgets(4, 300)]
+    assert planned[-1] == 0 and planned[0] > 0
+    for layer, clusters in zip(result.cache.layers, planned):
+        assert layer.merged_slots == clusters == layer.planned_clusters
+        folded = layer.bias[0, :, :clusters].exp().sum(-1) if clusters else None
+        assert clusters == 0 or bool((folded > 0).all())
+        assert layer.appended_slots() == 2

@@ -227,6 +227,7 @@ def load_cli():
     (["--dtype", "int8"], "unknown dtype 'int8'; choose one of:"),
     (["--haystack_dir", "/nonexistent"], "haystack folder '/nonexistent' does not exist"),
     (["--output", "/nonexistent/kernel.pt"], "--output '/nonexistent/kernel.pt': its folder does not exist"),
+    (["--init", "zeros"], "unknown init 'zeros'; choose one of: random, merge"),
 ])
 def test_cli_flag_errors_name_the_bad_value(flags, message, capsys):
     cli = load_cli()

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from .clusters import (CLUSTER_BY, ClusterState, TaylorFeatures, VarianceClusterState, assign_clusters,
-                       calibrated_slots, cluster_state_size, merged_slots)
+                       calibrated_slots, cluster_state_size, fold_into_merged_slots, merged_slots)
 
 DEFAULT_STATE_BUDGET = 0.125
 
@@ -73,6 +73,10 @@ class ClusterKernel:
     def check_model(self, num_layers: int, kv_heads: int, head_dim: int) -> None:
         """Raise if this kernel cannot serve a model of this shape."""
 
+    def fold_into_slots(self, layer, keys, values) -> None:
+        """The ratchet for a layer without a state: kernels of merged slots fold the tokens in;
+        the others (a layer that evicted plainly) drop them."""
+
     def plan(self, budget: int, head_dim: int, min_kept: int = 1) -> KernelPlan:
         """As many clusters as the state budget holds, leaving at least `min_kept` exact tokens.
         A layer whose share holds no cluster (PyramidKV's top layers) evicts plainly."""
@@ -108,6 +112,15 @@ class MergeKernel(ClusterKernel):
 
     def cluster_cost(self, head_dim):
         return 1.0
+
+    def fold_into_slots(self, layer, keys, values):
+        if layer.planned_clusters == 0:  # a layer whose share holds no slot evicts plainly
+            return
+        if layer.merged_slots == 0:  # nothing was evicted at the prefill: make the slots now
+            layer.add_merged_slots(layer.planned_clusters)
+        merged = layer.merged_slots
+        fold_into_merged_slots(layer.keys[:, :, :merged], layer.values[:, :, :merged], layer.bias[:, :, :merged],
+                               keys, values)
 
     def summarise(self, keys, values, evicted, plan, layer_idx, window_queries=None, scaling=None):
         if plan.clusters == 0:

@@ -124,6 +124,9 @@ class StateKernel:
     def check_model(self, num_layers: int, kv_heads: int, head_dim: int) -> None:
         pass
 
+    def fold_into_slots(self, layer, keys, values) -> None:
+        """Only reached by a layer without a state, which a state kernel never leaves: nothing to do."""
+
     def summarise(self, keys, values, evicted, plan, layer_idx, window_queries=None, scaling=None) -> Summary:
         state = self.new_state()
         state.fold(keys, values, evicted.float())
