@@ -1,7 +1,9 @@
 """Score LongBench predictions as LongBench does: metrics.json beside each prediction file,
 results.csv (methods × datasets, with the average) in the results folder, and the table printed.
+With --baseline METHOD, also each method against that one, sample by sample: the mean score
+difference and its 95% bootstrap interval (paired_vs_METHOD.csv), to tell a gain from noise.
 
-    python eval.py --results_dir results_longbench/smollm2_128
+    python eval.py --results_dir results_longbench/smollm2_128 --baseline SnapKV
 """
 import argparse
 import logging
@@ -9,7 +11,7 @@ import os
 import sys
 
 from ntkkv.eval.jsonl import BAD_LINE_POLICIES, BadLineError
-from ntkkv.eval.scoring import format_table, score_results, table_rows, write_csv
+from ntkkv.eval.scoring import compare_to_baseline, format_table, score_results, table_rows, write_csv
 
 
 def parse_args(argv=None):
@@ -20,6 +22,8 @@ def parse_args(argv=None):
     parser.add_argument("--fuzzy_matcher", default="levenshtein", choices=["levenshtein", "difflib"],
                         help="code similarity as fuzzywuzzy computes it with (levenshtein) or without python-Levenshtein")
     parser.add_argument("--on_bad_line", default="stop", choices=BAD_LINE_POLICIES)
+    parser.add_argument("--baseline", help="a method name (its file name, e.g. SnapKV): compare every method "
+                                           "with it on the samples both hold")
     return parser.parse_args(argv)
 
 
@@ -38,6 +42,19 @@ def main(argv=None):
     write_csv(csv_path, header, rows)
     print(format_table(header, rows))
     print(f"\nwrote {csv_path} and metrics.json in each dataset folder")
+    if args.baseline:
+        if args.longbench_e:
+            sys.exit("eval.py: error: --baseline compares whole datasets; leave out --longbench_e")
+        try:
+            paired = compare_to_baseline(args.results_dir, args.baseline, args.fuzzy_matcher, args.on_bad_line)
+        except (ValueError, BadLineError) as error:
+            sys.exit(f"eval.py: error: {error}")
+        header = ["method", "dataset", "samples", f"vs {args.baseline}", "95% low", "95% high"]
+        paired_path = os.path.join(args.results_dir, f"paired_vs_{args.baseline}.csv")
+        write_csv(paired_path, header, paired)
+        print(f"\nagainst {args.baseline}, sample by sample (score difference, 95% bootstrap interval):")
+        print(format_table(header, paired))
+        print(f"\nwrote {paired_path}")
 
 
 if __name__ == "__main__":

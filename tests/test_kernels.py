@@ -336,6 +336,39 @@ def test_calibrated_slots_are_exact_for_the_one_query_they_were_fitted_to():
     assert not torch.allclose((logits.softmax(-1) @ slot_values)[:, :, 1:], exact_mean[:, :, 1:], atol=1e-3)
 
 
+def test_calibrated_slots_match_a_per_cluster_loop_with_kept_tokens_and_an_empty_cluster():
+    """Bias = mean over the window of log Σ_{i∈c} exp(s·q·δ_i), value = Σ_{i∈c} (mean softmax
+    within c) v_i, written out one sample, head and cluster at a time."""
+    from ntkkv.kernels.clusters import calibrated_slots
+
+    generator = torch.Generator().manual_seed(11)
+    batch, heads, n, d, clusters, w = 2, 2, 30, 8, 4, 5
+    keys = torch.randn(batch, heads, n, d, generator=generator)
+    values = torch.randn(batch, heads, n, d, generator=generator)
+    queries = torch.randn(batch, heads, w, d, generator=generator) * 2
+    assignment = torch.randint(0, clusters - 1, (batch, heads, n), generator=generator)  # cluster 3 empty
+    assignment[:, :, ::4] = -1  # kept tokens
+    slot_keys, slot_values, slot_bias = calibrated_slots(keys, values, assignment, clusters, queries, SCALING)
+    for b in range(batch):
+        for h in range(heads):
+            for c in range(clusters):
+                members = (assignment[b, h] == c).nonzero().flatten().tolist()
+                if not members:
+                    assert slot_bias[b, h, c] == -math.inf
+                    assert torch.all(slot_values[b, h, c] == 0)
+                    continue
+                mean_key = sum(keys[b, h, i] for i in members) / len(members)
+                log_masses, attention = [], torch.zeros(len(members))
+                for q in queries[b, h]:
+                    scores = torch.tensor([float(q @ (keys[b, h, i] - mean_key)) * SCALING for i in members])
+                    log_masses.append(math.log(sum(math.exp(x) for x in scores.tolist())))
+                    attention += scores.softmax(0) / w
+                value = sum(a * values[b, h, i] for a, i in zip(attention, members))
+                torch.testing.assert_close(slot_keys[b, h, c], mean_key)
+                assert slot_bias[b, h, c].item() == pytest.approx(sum(log_masses) / w, rel=1e-5)
+                torch.testing.assert_close(slot_values[b, h, c], value, rtol=1e-5, atol=1e-6)
+
+
 def test_variance_state_reads_the_second_cumulant_and_folds_like_a_rebuild():
     from ntkkv.kernels.clusters import VarianceClusterState
 

@@ -2,6 +2,7 @@
 distillation on a tiny model, its memory in generation, and the training CLI's errors."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,31 @@ def trained():
 
 
 # -- the file -----------------------------------------------------------------------------------
+
+def test_a_frozen_map_on_another_dtype_reads_its_formula_and_sees_later_edits():
+    """log φ_k(δ) = W_k δ + b_k − ½β|δ|² − ½ log F, for float64 inputs to a float32 map held once
+    in float64 (the path of a CPU-loaded map on a GPU model); an in-place edit of the map is seen."""
+    features = random_features().requires_grad_(False)
+    with torch.no_grad():
+        features.key_damping.uniform_(0.1, 1.0)
+    deltas = torch.randn(1, 2, 7, 16, dtype=torch.float64)
+
+    def by_hand(layer, features=features):
+        weight, bias = features.key_weight[layer].double(), features.key_bias[layer].double()
+        damping = features.key_damping[layer].double()
+        expected = torch.einsum("bhnd,hfd->bhnf", deltas, weight) + bias[None, :, None, :]
+        return expected - 0.5 * damping[None, :, None, None] * (deltas**2).sum(-1, keepdim=True) - 0.5 * math.log(8)
+
+    torch.testing.assert_close(features.log_features(deltas, 2, "key"), by_hand(2))
+    assert features.log_features(deltas, 2, "key").dtype == torch.float64
+    with torch.no_grad():
+        features.key_bias[2] += 1.0
+    torch.testing.assert_close(features.log_features(deltas, 2, "key"), by_hand(2))
+    with torch.inference_mode():  # as the evaluation runners call it, and load it
+        torch.testing.assert_close(features.log_features(deltas, 1, "key"), by_hand(1))
+        loaded_there = random_features(seed=5).requires_grad_(False)
+        torch.testing.assert_close(loaded_there.log_features(deltas, 1, "key"), by_hand(1, loaded_there))
+
 
 def test_file_round_trip_gives_the_same_parameters_and_state_reads(tmp_path):
     features = random_features()

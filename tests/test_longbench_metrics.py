@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ntkkv.eval import metrics
-from ntkkv.eval.scoring import table_rows
+from ntkkv.eval.scoring import paired_difference, table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,3 +296,49 @@ def test_table_marks_missing_datasets_and_averages_what_is_there():
     header, rows = table_rows({"A": {"trec": 10.0, "lcc": 20.0}, "B": {"trec": 30.0}})
     assert header == ["method", "trec", "lcc", "average"]
     assert rows == [["A", 10.0, 20.0, 15.0], ["B", 30.0, None, 30.0]]
+
+
+# --- paired comparison against a baseline ---------------------------------------------------------
+
+def count_record(sample_id, predicted, answer):
+    """passage_count scores 1 when the predicted number is the answer, else 0."""
+    return record(sample_id, str(predicted), [str(answer)])
+
+
+def test_paired_difference_matches_samples_by_id_and_brackets_the_mean():
+    base = [count_record(f"s{i}", i, i) for i in range(4)] + [count_record("s4", 0, 9)]  # 4 right, 1 wrong
+    other = [count_record("s4", 9, 9), count_record("s3", 3, 3), count_record("s2", 0, 2),  # +1, 0, -1
+             count_record("s1", 1, 1), count_record("s0", 0, 0), count_record("extra", 5, 5)]
+    paired = paired_difference("passage_count", base, other)
+    # differences over the 5 shared samples: +100, 0, -100, 0, 0 -> mean 0; "extra" has no pair
+    assert paired["samples"] == 5 and paired["delta"] == 0.0
+    assert -100 <= paired["low"] < 0 < paired["high"] <= 100
+    better = paired_difference("passage_count", base, [count_record("s4", 9, 9)] * 1)
+    assert better == {"samples": 1, "delta": 100.0, "low": 100.0, "high": 100.0}
+    assert paired_difference("passage_count", base, [count_record("other", 1, 1)]) is None
+
+
+def test_paired_interval_narrows_with_more_samples():
+    def runs(n):
+        base = [count_record(f"s{i}", 0, i % 2) for i in range(n)]  # right on the even samples
+        other = [count_record(f"s{i}", 0 if i % 4 else 1, i % 2) for i in range(n)]  # wrong on every fourth
+        return paired_difference("passage_count", base, other)
+
+    small, large = runs(20), runs(400)
+    assert small["delta"] == large["delta"] == -25.0  # one sample in four: 100 -> 0
+    assert large["high"] - large["low"] < (small["high"] - small["low"]) / 3
+
+
+def test_eval_baseline_table_and_its_errors(results_dir, capsys):
+    eval_script = load_script("eval")
+    eval_script.main(["--results_dir", str(results_dir), "--baseline", "FullKV"])
+    with open(results_dir / "paired_vs_FullKV.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    # hotpotqa: SnapKV h1 2/3 vs 1, h2 0 vs 1 -> mean of (-33.33, -100); multifieldqa_zh: 40 vs 100
+    assert rows[0] == ["method", "dataset", "samples", "vs FullKV", "95% low", "95% high"]
+    assert rows[1][:4] == ["tiny-llama_128/SnapKV", "hotpotqa", "2", "-66.67"]
+    assert rows[2][:4] == ["tiny-llama_128/SnapKV", "multifieldqa_zh", "1", "-60.0"]
+    assert "vs FullKV" in capsys.readouterr().out
+    message = "baseline 'Full' has no prediction file; the methods found are: FullKV, SnapKV"
+    with pytest.raises(SystemExit, match=message):
+        eval_script.main(["--results_dir", str(results_dir), "--baseline", "Full"])

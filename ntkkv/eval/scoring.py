@@ -8,6 +8,8 @@ import json
 import logging
 import os
 
+import numpy as np
+
 from ntkkv.eval import metrics
 from ntkkv.eval.jsonl import read_predictions
 from ntkkv.eval.longbench import ALL_DATASETS
@@ -79,6 +81,50 @@ def score_results(results_dir, longbench_e=False, matcher="levenshtein", on_bad_
     return table
 
 
+def paired_difference(dataset, base_records, records, matcher="levenshtein", resamples=2000, seed=0):
+    """How much `records` beat `base_records` on the samples both hold (matched by `_id`): the mean
+    per-sample score difference ×100 and its 95% percentile-bootstrap interval (resampling the
+    pairs). {"samples", "delta", "low", "high"}, or None when no sample is in both."""
+    base = {record["_id"]: record for record in base_records}
+    differences = [
+        metrics.sample_score(dataset, record["pred"], record["answers"], record.get("all_classes"), matcher)
+        - metrics.sample_score(dataset, base[record["_id"]]["pred"], base[record["_id"]]["answers"],
+                               base[record["_id"]].get("all_classes"), matcher)
+        for record in records if record["_id"] in base
+    ]
+    if not differences:
+        return None
+    differences = 100 * np.asarray(differences)
+    picks = np.random.default_rng(seed).integers(0, len(differences), size=(resamples, len(differences)))
+    low, high = np.percentile(differences[picks].mean(axis=1), [2.5, 97.5])
+    return {"samples": len(differences), "delta": round(float(differences.mean()), 2),
+            "low": round(float(low), 2), "high": round(float(high), 2)}
+
+
+def compare_to_baseline(results_dir, baseline, matcher="levenshtein", on_bad_line="stop"):
+    """Rows [row label, dataset, samples, delta, low, high]: every method against `baseline` in the
+    same model/budget folder and dataset, sample by sample (`paired_difference`)."""
+    rows, seen = [], set()
+    for group, dataset, folder in find_prediction_folders(results_dir):
+        methods = methods_in(folder)
+        seen.update(methods)
+        if baseline not in methods:
+            continue
+        base_records = read_predictions(os.path.join(folder, f"{baseline}.json"), on_bad_line)
+        for method in methods:
+            if method == baseline:
+                continue
+            records = read_predictions(os.path.join(folder, f"{method}.json"), on_bad_line)
+            paired = paired_difference(dataset, base_records, records, matcher)
+            if paired is not None:
+                label = f"{group}/{method}" if group else method
+                rows.append([label, dataset, paired["samples"], paired["delta"], paired["low"], paired["high"]])
+    if baseline not in seen:
+        raise ValueError(f"baseline {baseline!r} has no prediction file; the methods found are: "
+                         f"{', '.join(sorted(seen)) or 'none'}")
+    return rows
+
+
 def _mean(scores):
     present = [score for score in scores if score is not None]
     return round(sum(present) / len(present), 2) if present else None
@@ -114,8 +160,9 @@ def write_csv(path, header, rows):
 
 
 def format_table(header, rows):
-    """A plain-text table, columns aligned, missing scores shown as '-'."""
-    lines = [header] + [[row[0]] + ["-" if cell is None else f"{cell:.2f}" for cell in row[1:]] for row in rows]
+    """A plain-text table, columns aligned, scores with two decimals, missing ones shown as '-'."""
+    lines = [header] + [[row[0]] + ["-" if cell is None else f"{cell:.2f}" if isinstance(cell, float) else str(cell)
+                                    for cell in row[1:]] for row in rows]
     widths = [max(len(str(line[column])) for line in lines) for column in range(len(header))]
     return "\n".join(
         "  ".join(str(cell).ljust(width) if column == 0 else str(cell).rjust(width)

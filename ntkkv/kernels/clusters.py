@@ -94,15 +94,21 @@ def calibrated_slots(keys, values, assignment, num_clusters: int, queries, scali
     `merged_slots`.
     """
     slot_keys, counts = cluster_means(keys, assignment, num_clusters)
-    member = one_hot_assignment(assignment, num_clusters)  # (batch, kv_heads, clusters, n)
-    deltas = keys.float() - slot_keys.gather(2, assignment.clamp_min(0)[..., None].expand_as(keys))
+    evicted = assignment >= 0
+    cluster = assignment.clamp_min(0)
+    deltas = keys.float() - slot_keys.gather(2, cluster[..., None].expand_as(keys))
     relative = (queries.float() @ deltas.transpose(-1, -2)) * scaling  # (batch, kv_heads, w, n)
-    # per cluster: (batch, kv_heads, w, clusters, n), -inf off the cluster
-    within = relative[:, :, :, None, :] + member.log()[:, :, None]
-    log_mass = within.logsumexp(dim=-1)  # log Σ_{i in c} exp(s·q·δ_i)
+    # a softmax within each cluster, through scatters: memory O(w·n), not O(w·clusters·n)
+    relative = relative.masked_fill(~evicted[:, :, None], -math.inf)
+    index = cluster[:, :, None].expand_as(relative)
+    peak = relative.new_full(relative.shape[:-1] + (num_clusters,), -math.inf)
+    peak = peak.scatter_reduce(-1, index, relative, "amax")  # (batch, kv_heads, w, clusters)
+    weights = torch.where(evicted[:, :, None], (relative - peak.gather(-1, index)).exp(), 0.0)
+    sums = torch.zeros_like(peak).scatter_add(-1, index, weights)
+    log_mass = sums.log() + peak  # log Σ_{i in c} exp(s·q·δ_i); -inf for an empty cluster
     bias = torch.where(counts > 0, log_mass.mean(dim=2), -math.inf)
-    attention = torch.nan_to_num(within.softmax(dim=-1)).mean(dim=2)  # (batch, kv_heads, clusters, n)
-    slot_values = attention @ values.float()
+    attention = (weights / sums.gather(-1, index).clamp_min(torch.finfo(sums.dtype).tiny)).mean(dim=2)
+    slot_values = one_hot_assignment(assignment, num_clusters) @ (attention[..., None] * values.float())
     return slot_keys.to(keys.dtype), slot_values.to(values.dtype), bias
 
 

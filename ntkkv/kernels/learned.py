@@ -46,6 +46,7 @@ class LearnedFeatures(nn.Module):
         self.register_buffer("key_damping", damped * scale**-2)
         self.num_layers, self.kv_heads, self.head_dim, self.num_features = num_layers, kv_heads, head_dim, num_features
         self.metadata: dict = {}
+        self._copies: dict = {}  # frozen parameters moved to another device/dtype (layer_parameters)
 
     def sizes(self, r: int) -> tuple[int, int]:
         if r != self.head_dim:
@@ -54,14 +55,32 @@ class LearnedFeatures(nn.Module):
 
     def log_features(self, x, layer_idx: int, side: str):
         """x (batch, kv_heads, ..., d) -> log φ (batch, kv_heads, ..., F)."""
-        weight, bias, damping = ((self.query_weight, self.query_bias, self.query_damping) if side == "query"
-                                 else (self.key_weight, self.key_bias, self.key_damping))
+        weight, bias, damping = self.layer_parameters(layer_idx, side, x)
         extra = x.dim() - 3  # dimensions between the heads and the vector
         shape = (1, self.kv_heads) + (1,) * extra
-        projected = torch.einsum("bh...d,hfd->bh...f", x, weight[layer_idx].to(x))
-        return (projected + bias[layer_idx].to(x).view(*shape, -1)
-                - 0.5 * damping[layer_idx].to(x).view(*shape, 1) * (x * x).sum(dim=-1, keepdim=True)
+        projected = torch.einsum("bh...d,hfd->bh...f", x, weight)
+        return (projected + bias.view(*shape, -1)
+                - 0.5 * damping.view(*shape, 1) * (x * x).sum(dim=-1, keepdim=True)
                 - 0.5 * math.log(self.num_features))
+
+    def layer_parameters(self, layer_idx: int, side: str, like):
+        """(W, b, α) of one layer and side, on `like`'s device and dtype. A frozen map (the
+        inference path) keeps one copy per device and dtype: copying from the CPU at every call
+        would synchronise the GPU at every layer of every decode step."""
+        names = ("query_weight", "query_bias", "query_damping") if side == "query" else \
+            ("key_weight", "key_bias", "key_damping")
+        parameters = [getattr(self, name) for name in names]
+        tensors = [parameter[layer_idx] for parameter in parameters]
+        if all(t.device == like.device and t.dtype == like.dtype for t in tensors):
+            return tensors
+        if any(t.requires_grad for t in tensors):
+            return [t.to(like) for t in tensors]
+        # a map loaded under inference_mode has no version counter (nor can it be edited outside it)
+        version = tuple(0 if p.is_inference() else p._version for p in parameters)
+        key = (layer_idx, side, like.device, like.dtype)
+        if key not in self._copies or self._copies[key][0] != version:  # an in-place edit renews the copy
+            self._copies[key] = (version, [t.to(like) for t in tensors])
+        return self._copies[key][1]
 
     def forward(self, x, layer_idx: int = 0, side: str = "key"):
         """(numerator features, normaliser features, log scale); queries come back divided by
