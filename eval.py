@@ -18,9 +18,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results_dir", required=True,
                         help="a {model}_{budget} folder, or a folder of them (e.g. run_longbench.py's --save_dir)")
-    parser.add_argument("--longbench_e", action="store_true", help="score the LongBench-E ({dataset}_e) folders by length")
+    parser.add_argument("--longbench_e", action="store_true",
+                        help="score the LongBench-E ({dataset}_e) folders by length")
     parser.add_argument("--fuzzy_matcher", default="levenshtein", choices=["levenshtein", "difflib"],
-                        help="code similarity as fuzzywuzzy computes it with (levenshtein) or without python-Levenshtein")
+                        help="code similarity as fuzzywuzzy computes it with (levenshtein) or without "
+                             "python-Levenshtein")
     parser.add_argument("--on_bad_line", default="stop", choices=BAD_LINE_POLICIES)
     parser.add_argument("--baseline", help="a method name (its file name, e.g. SnapKV): compare every method "
                                            "with it on the samples both hold")

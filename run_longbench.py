@@ -15,39 +15,39 @@ import time
 import numpy as np
 import torch
 
-import ntkkv
 from ntkkv.eval import longbench
-from ntkkv.attention import build_compressor
-from ntkkv.eval.options import add_compression_arguments, compression_options, run_label
 from ntkkv.eval.jsonl import BAD_LINE_POLICIES, read_jsonl
 from ntkkv.eval.longbench_run import (
-    GenerationSettings, Shard, budget_label, finish, init_distributed, prediction_path, run_dataset,
+    GenerationSettings,
+    Shard,
+    budget_label,
+    finish,
+    init_distributed,
+    prediction_path,
+    run_dataset,
 )
-
-
-def true_or_false(text):
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from ntkkv.eval.options import (
+    add_budget_argument,
+    add_compression_arguments,
+    check_run,
+    compression_options,
+    positive_int,
+    run_label,
+    true_or_false,
+)
+from ntkkv.models import load_config, load_model
+from ntkkv.policies import METHODS
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", required=True, help=f"one of {', '.join(ntkkv.METHODS)} (any case)")
+    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)} (any case)")
     parser.add_argument("--model_path", required=True, help="HF folder or hub id, a .gguf file, or 'smollm2'")
     parser.add_argument("--model_name", help="results folder prefix (default: the path's last part, lower case)")
-    parser.add_argument("--max_capacity_prompts", type=int, default=512, help="K/V entries kept per layer")
+    add_budget_argument(parser, 512, "memory per layer and KV head in token equivalents: K/V entries kept, "
+                                     "plus the summary's share with --summary (-1: use the ratio)")
     parser.add_argument("--max_capacity_prompts_ratio", type=float, default=-1,
-                        help="budget as a share of the prompt length (with --max_capacity_prompts -1)")
+                        help="budget as a share of each sample's prompt length (with --max_capacity_prompts -1)")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["flash_attention_2", "sdpa", "eager"])
     parser.add_argument("--dtype", help="float32, bfloat16, float16 or auto (the checkpoint's); default: "
                         "bfloat16 on GPU, float32 on CPU")
@@ -111,8 +111,6 @@ def main(argv=None):
     set_seed(args.seed)
     shard = Shard.from_environment()
     try:
-        # an unknown method or a bad compression flag fails here, before the data and the model load
-        build_compressor(args.method, 1 << 30, **compression_options(args))
         settings = GenerationSettings(
             method=args.method, max_capacity_prompts=args.max_capacity_prompts,
             max_capacity_prompts_ratio=args.max_capacity_prompts_ratio, eval_batch_size=args.eval_batch_size,
@@ -120,9 +118,16 @@ def main(argv=None):
             chat_template=not args.no_chat_template, use_cache=args.use_cache,
             compress_kwargs=compression_options(args),
         )
-        settings.budget(prompt_length=1)  # refuses a run with neither budget flag set
+        ratio = settings.budget_options().get("max_capacity_prompt_ratio")  # refuses neither budget flag set
+        if ratio is not None and args.eval_batch_size > 1 and compression_options(args).get("summary"):
+            raise ValueError("--max_capacity_prompts_ratio with a --summary needs --eval_batch_size 1 (each sample "
+                             "of a batch gets its own budget, and the summary's clusters must agree)")
+        # every setting is checked, then against the model's config, before the data and the weights load
+        check_run([args.method], [args.max_capacity_prompts], compression_options(args), None, ratio)
+        config = load_config(args.model_path)
+        check_run([args.method], [args.max_capacity_prompts], compression_options(args), config, ratio)
         tasks = load_tasks(args)
-        model, tokenizer = ntkkv.load_model(
+        model, tokenizer = load_model(
             args.model_path, dtype=args.dtype, device_map=args.device_map or default_device_map(shard),
             attn_implementation=args.attn_implementation,
         )

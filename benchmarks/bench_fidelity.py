@@ -1,14 +1,14 @@
-"""Attention fidelity of each method × kernel at equal memory, on a model's real activations.
+"""Attention fidelity of each method × summary at equal memory, on a model's real activations.
 
     python benchmarks/bench_fidelity.py --device cuda --out docs/bench_fidelity.md    # SmolLM2, 2k and 6k
-    python benchmarks/bench_fidelity.py --kernels none merge taylor2_lowrank --state_budgets 0.25
+    python benchmarks/bench_fidelity.py --summaries none merge taylor2_lowrank --state_budgets 0.25
     python benchmarks/bench_fidelity.py --tiny --device cpu                          # smoke test, seconds
 
 The prompt is the needle test's (the essays, the needle at 50% depth, the question, the chat
 template) at each --lengths; the unpatched model then answers it greedily for --decode_tokens
 tokens, and one forward pass over prompt + answer records every layer's queries, keys and values.
 For each configuration every layer compresses the prompt's keys and values exactly as the
-patched attention does at the prefill (`Compressor.compress_prefill`), and reads them through
+patched attention does at the prefill (`Compressor.compress_layer`), and reads them through
 the same merge as at decode (`merged_attention`):
   last query    the prompt's last query, over the compressed prompt;
   decode        the answer's queries, over the compressed prompt plus the answer's own keys (exact).
@@ -25,15 +25,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-import ntkkv
-from ntkkv.attention import build_compressor, merged_attention, model_shape, reference_attention, slot_logit_bias
 from ntkkv.cache import CompressedLayer
-from ntkkv.kernels import ExactKernel
-from ntkkv.kernels.training import capture_attention
+from ntkkv.forward import merged_attention
+from ntkkv.models import load_model, model_shape
+from ntkkv.ops import reference_attention, slot_logit_bias
+from ntkkv.patch import build_compressor
+from ntkkv.plan import check_compression
+from ntkkv.summaries import Exact
+from ntkkv.training import capture_attention
 
 
 def parse_args(argv=None):
@@ -42,13 +44,13 @@ def parse_args(argv=None):
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 6144], help="prompt lengths in tokens")
     parser.add_argument("--budgets", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--methods", nargs="+", default=["snapkv", "pyramidkv"])
-    parser.add_argument("--kernels", nargs="+",
+    parser.add_argument("--summaries", "--kernels", dest="summaries", nargs="+",
                         default=["none", "merge", "merge:position", "taylor1", "taylor2_diag", "taylor2_lowrank",
-                                 "ratchetkv", "exact"],
-                        help="kernel names; 'NAME:position' clusters by position; 'learned' needs --kernel_path")
+                                 "seed_taylor", "exact"],
+                        help="summary names; 'NAME:position' clusters by position; 'learned' needs --summary_path")
     parser.add_argument("--state_budgets", type=float, nargs="+", default=[0.125, 0.25, 0.5])
     parser.add_argument("--rank", type=int, default=None, help="taylor2_lowrank's rank")
-    parser.add_argument("--kernel_path", default=None)
+    parser.add_argument("--summary_path", "--kernel_path", dest="summary_path", default=None)
     parser.add_argument("--window_size", type=int, default=8)
     parser.add_argument("--decode_tokens", type=int, default=16)
     parser.add_argument("--depth", type=float, default=50.0, help="needle depth in percent")
@@ -60,22 +62,22 @@ def parse_args(argv=None):
 
 
 def configurations(args):
-    """(method, kernel label, compress kwargs) for every row, eviction first."""
+    """(method, summary label, compress kwargs) for every row, eviction first."""
     rows = []
     for method in args.methods:
-        for entry in args.kernels:
+        for entry in args.summaries:
             name, _, cluster_by = entry.partition(":")
             if name in ("none", "exact"):
-                rows.append((method, name, {"kernel": ExactKernel() if name == "exact" else None}))
+                rows.append((method, name, {"summary": Exact() if name == "exact" else None}))
                 continue
             for state_budget in args.state_budgets:
-                options = {"kernel": name, "state_budget": state_budget}
+                options = {"summary": name, "state_budget": state_budget}
                 if cluster_by:
                     options["cluster_by"] = cluster_by
                 if name == "taylor2_lowrank" and args.rank:
                     options["rank"] = args.rank
                 if name == "learned":
-                    options["kernel_path"] = args.kernel_path
+                    options["summary_path"] = args.summary_path
                 rows.append((method, f"{entry} {state_budget:g}", options))
     return rows
 
@@ -111,11 +113,12 @@ def compressed_outputs(compressor, model, activations, prompt_length):
     for layer_idx, layer in enumerate(activations):
         batch, heads, n, head_dim = layer.queries.shape
         kv_heads = layer.keys.shape[1]
-        module = SimpleNamespace(config=model.config, layer_idx=layer_idx, scaling=layer.scaling)
         cache_layer = CompressedLayer()
         prompt = slice(0, prompt_length)
-        compressor.compress_prefill(module, cache_layer, layer.queries[:, :, prompt], layer.keys[:, :, prompt],
-                                    layer.values[:, :, prompt], None)
+        valid = torch.ones(batch, prompt_length, dtype=torch.bool, device=layer.keys.device)
+        cache_layer.store(compressor.compress_layer(layer.queries[:, :, prompt], layer.keys[:, :, prompt],
+                                                    layer.values[:, :, prompt], valid, layer_idx, len(activations),
+                                                    layer.scaling), prompt_length)
         memory.append(cache_layer.real_slots_per_sample()[0] + cache_layer.state_tokens())
         group = heads // kv_heads
         last = layer.queries[:, :, prompt_length - 1 : prompt_length].reshape(batch, kv_heads, group, head_dim)
@@ -137,7 +140,8 @@ def relative_errors(outputs, targets, group):
     for output, target in zip(outputs, targets):
         batch, kv_heads, rows, head_dim = target.shape
         shape = (batch, kv_heads, group, rows // group, head_dim)
-        error = (output.view(shape) - target.view(shape)).norm(dim=-1) / target.view(shape).norm(dim=-1).clamp_min(1e-12)
+        reference = target.view(shape)
+        error = (output.view(shape) - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-12)
         last.append(error[..., 0].mean())
         decode.append(error[..., 1:].mean())
     return float(torch.stack(last).mean()), float(torch.stack(decode).mean())
@@ -152,14 +156,14 @@ def load(args, device):
         torch.manual_seed(0)
         return LlamaForCausalLM(config).to(device).eval(), None
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    return ntkkv.load_model(args.model_name, dtype=dtype, device_map=device)
+    return load_model(args.model_name, dtype=dtype, device_map=device)
 
 
 @torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = configurations(args)  # a bad kernel name or flag fails before the model loads
+    rows = configurations(args)  # a bad summary name or flag fails before the model loads
     for method, _, options in rows:
         build_compressor(method, max(args.budgets), window_size=args.window_size, **options)
     model, tokenizer = load(args, device)
@@ -179,16 +183,16 @@ def main(argv=None):
         for budget in args.budgets:
             for method, label, options in rows:
                 try:
-                    compressor = build_compressor(method, budget, window_size=args.window_size, model_shape=shape,
-                                                  **options)
+                    compressor = build_compressor(method, budget, window_size=args.window_size, **options)
+                    check_compression(compressor.policy, compressor.summary, shape)
                 except ValueError as error:  # this state does not fit this budget: say so in the table
-                    results.append(dict(length=prompt_ids.shape[1], budget=budget, method=method, kernel=label,
+                    results.append(dict(length=prompt_ids.shape[1], budget=budget, method=method, summary=label,
                                         skipped=str(error).split(";")[0]))
                     continue
                 started = time.perf_counter()
                 outputs, memory = compressed_outputs(compressor, model, activations, prompt_ids.shape[1])
                 last, decode = relative_errors(outputs, targets, group)
-                results.append(dict(length=prompt_ids.shape[1], budget=budget, method=method, kernel=label,
+                results.append(dict(length=prompt_ids.shape[1], budget=budget, method=method, summary=label,
                                     memory=memory, last=last, decode=decode,
                                     seconds=time.perf_counter() - started))
     table = format_table(results, card, model_label(args), args)
@@ -204,19 +208,19 @@ def model_label(args):
 
 
 def format_table(results, card, model, args):
-    evict = {(r["length"], r["budget"], r["method"]): r for r in results if r["kernel"] == "none"}
+    evict = {(r["length"], r["budget"], r["method"]): r for r in results if r["summary"] == "none"}
     lines = [f"Attention fidelity, {model}, {card}, window {args.window_size}, {args.decode_tokens} decode queries "
              f"(relative L2 error of the attention output against full attention; lower is better)", "",
-             "| prompt | budget | method | kernel (state share) | memory/layer | last query | vs evict | decode | "
+             "| prompt | budget | method | summary (state share) | memory/layer | last query | vs evict | decode | "
              "vs evict |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['length']} | {r['budget']} | {r['method']} | {r['kernel']} | does not fit | | | | |")
+            lines.append(f"| {r['length']} | {r['budget']} | {r['method']} | {r['summary']} | does not fit | | | | |")
             continue
         base = evict.get((r["length"], r["budget"], r["method"]))
         ratio_last = f"{r['last'] / base['last']:.2f}" if base else ""
         ratio_decode = f"{r['decode'] / base['decode']:.2f}" if base else ""
-        lines.append(f"| {r['length']} | {r['budget']} | {r['method']} | {r['kernel']} | {r['memory']:.1f} | "
+        lines.append(f"| {r['length']} | {r['budget']} | {r['method']} | {r['summary']} | {r['memory']:.1f} | "
                      f"{r['last']:.3f} | {ratio_last} | {r['decode']:.3f} | {ratio_decode} |")
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import ntkkv
 from ntkkv.generation import cache_argument_name
-from ntkkv.methods import canonical_name
+from ntkkv.policies import canonical_name
 
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -72,11 +72,13 @@ class Cell:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default=None, help="prompt lengths, comma-separated (default 8192,32768; tiny: 256,512)")
+    parser.add_argument("--lengths", default=None,
+                        help="prompt lengths, comma-separated (default 8192,32768; tiny: 256,512)")
     parser.add_argument("--methods", default=",".join(ntkkv.METHODS), help="methods, comma-separated (default: all)")
     parser.add_argument("--budget", type=int, default=None, help="max_capacity_prompt (default 1024; tiny: 64)")
     parser.add_argument("--decode-steps", type=int, default=None, help="greedy decode steps (default 64; tiny: 8)")
-    parser.add_argument("--repeats", type=int, default=None, help="measured runs per cell, median taken (default 3; tiny: 2)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="measured runs per cell, median taken (default 3; tiny: 2)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs per cell first (default 1)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
@@ -211,7 +213,8 @@ def markdown_table(cells: list[Cell], args, model, weights_gib: float | None) ->
         + (f"; weights {weights_gib:.2f} GiB" if weights_gib is not None else "")
         + ".",
         "",
-        "| prompt | method | prefill (s) | vs FullKV | decode (ms/token) | vs FullKV | peak above weights (GiB) | KV/layer after prefill |",
+        "| prompt | method | prefill (s) | vs FullKV | decode (ms/token) | vs FullKV | peak above weights (GiB) "
+        "| KV/layer after prefill |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     baseline = {cell.length: cell for cell in cells if cell.method == "fullkv" and cell.error is None}
@@ -249,7 +252,8 @@ def main(argv=None) -> int:
 
     cells = []
     for length in args.lengths:
-        prompt = torch.randint(0, model.config.vocab_size, (args.batch_size, length), generator=generator).to(args.device)
+        prompt = torch.randint(0, model.config.vocab_size, (args.batch_size, length), generator=generator)
+        prompt = prompt.to(args.device)
         for method in args.methods:
             cell = measure_cell(model, prompt, method, args, Clock(args.device), cache_argument)
             cells.append(cell)

@@ -7,8 +7,8 @@ import statistics
 
 import torch
 
-from ntkkv.kernels.h2o_triton import heavy_hitter_scores
-from ntkkv.methods import H2O, SelectionInputs
+from ntkkv.ops.h2o_scores import heavy_hitter_scores
+from ntkkv.policies import H2O, SelectionInputs
 
 
 def timed(fn, repeats=5):

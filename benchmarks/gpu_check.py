@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import ntkkv
-from ntkkv.kernels import ExactKernel
+from ntkkv.summaries import SUMMARIES, Exact
 
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
 QUESTION = "What is the best thing to do in San Francisco?"
@@ -77,7 +77,7 @@ def main():
                     seconds = time.perf_counter() - start
                 answer = tokenizer.decode(result.new_tokens[0], skip_special_tokens=True)
                 found = "sandwich" in answer.lower() and "dolores" in answer.lower()
-                print(f"    {method:12s} {budget:4d}: found={found!s:5s} kept/layer={result.kv_lengths[0][:3]}... "
+                print(f"    {method:12s} {budget:4d}: found={found!s:5s} kept/layer={result.kv_kept[0][:3]}... "
                       f"{seconds:.2f}s {answer[:80]!r}")
     model, tokenizer = ntkkv.load_model(args.model, dtype="float32", device_map=device)
     inputs = needle_prompt(tokenizer, args.essays, 1500, 0.5)
@@ -85,7 +85,7 @@ def main():
     options = dict(max_new_tokens=8, min_new_tokens=8, output_logits=True, return_dict_in_generate=True)
     reference = ntkkv.generate(model, inputs["input_ids"], **options)
     for method in ntkkv.METHODS[1:]:
-        with ntkkv.compress(model, method, max_capacity_prompt=128, kernel=ExactKernel()):
+        with ntkkv.compress(model, method, max_capacity_prompt=128, summary=Exact()):
             merged = ntkkv.generate(model, inputs["input_ids"], **options)
         error = max((a - b).abs().max().item() for a, b in zip(merged.output.logits, reference.output.logits))
         print(f"[3] exact kernel + {method} 128 (fp32): max |logit diff| vs full = {error:.2e}, "
@@ -105,20 +105,20 @@ def main():
         print(f"[4] batch of 2 (fp32) {method}: equal to alone: {together == alone}")
     options["max_new_tokens"] = options["min_new_tokens"] = 24
     reference = ntkkv.generate(model, inputs["input_ids"], **options)
-    with ntkkv.compress(model, "snapkv", max_capacity_prompt=128, kernel=ExactKernel(), ratchet=4):
+    with ntkkv.compress(model, "snapkv", max_capacity_prompt=128, summary=Exact(), ratchet=4):
         merged = ntkkv.generate(model, inputs["input_ids"], **options)
     error = max((a - b).abs().max().item() for a, b in zip(merged.output.logits, reference.output.logits))
     print(f"[5] exact kernel + ratchet 4, 24 steps (fp32): max |logit diff| vs full = {error:.2e}, same tokens: "
           f"{merged.new_tokens == reference.new_tokens}, slots per layer {merged.cache.layers[0].num_slots()}")
     model, tokenizer = ntkkv.load_model(args.model, dtype=args.dtype, device_map=device)
     inputs = needle_prompt(tokenizer, args.essays, 6000, 0.5)
-    for kernel in ntkkv.kernels.KERNELS:
+    for kernel in SUMMARIES:
         if kernel == "learned":
             continue
         for method in ("snapkv", "pyramidkv"):
-            budget_share = 0.5 if kernel in ("taylor1", "taylor2_diag", "ratchetkv") else 0.25
+            budget_share = 0.5 if kernel in ("taylor1", "taylor2_diag", "seed_taylor") else 0.25
             try:
-                with ntkkv.compress(model, method, max_capacity_prompt=128, kernel=kernel, state_budget=budget_share):
+                with ntkkv.compress(model, method, max_capacity_prompt=128, summary=kernel, state_budget=budget_share):
                     start = time.perf_counter()
                     result = greedy(model, inputs)
                     seconds = time.perf_counter() - start

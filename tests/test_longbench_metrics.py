@@ -55,7 +55,8 @@ def test_rouge_zh_scores_jieba_words():
     # 会议/讨论/了/预算/问题/和/人员/安排 (8 words) against 会议/讨论/了/预算/问题 (5): LCS 5
     recall, precision = 5 / 5, 5 / 8
     expected = 2 * precision * recall / (precision + recall)
-    assert metrics.rouge_zh_score("会议讨论了预算问题和人员安排", "会议讨论了预算问题") == pytest.approx(expected, abs=1e-6)
+    score = metrics.rouge_zh_score("会议讨论了预算问题和人员安排", "会议讨论了预算问题")
+    assert score == pytest.approx(expected, abs=1e-6)
 
 
 # --- ROUGE-L of the `rouge` package --------------------------------------------------------------
@@ -266,7 +267,8 @@ def test_eval_longbench_e_buckets(tmp_path):
     }
     with open(tmp_path / "results.csv", newline="") as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["method", "qasper 0-4k", "qasper 4-8k", "qasper 8k+", "average 0-4k", "average 4-8k", "average 8k+"]
+    assert rows[0] == ["method", "qasper 0-4k", "qasper 4-8k", "qasper 8k+", "average 0-4k", "average 4-8k",
+                       "average 8k+"]
     assert rows[1] == ["m_64/H2O", "100.0", "0.0", "100.0", "100.0", "0.0", "100.0"]
     # the plain qasper folder is not a LongBench-E result and was left alone
     assert not (tmp_path / "m_64" / "qasper" / "metrics.json").exists()

@@ -76,7 +76,8 @@ def data_dir(tmp_path_factory):
     write_jsonl(folder / "multi_news.jsonl",
                 [longbench_record("multi_news", index, words(30 + 40 * index, index)) for index in range(5)])
     write_jsonl(folder / "multi_news_e.jsonl",
-                [{**longbench_record("multi_news", index, words(20, index)), "length": 3000 * index} for index in range(4)])
+                [{**longbench_record("multi_news", index, words(20, index)), "length": 3000 * index}
+                 for index in range(4)])
     shots = "\n".join(f"Question: where is the {word}?\nType: Location" for word in WORDS[:4])
     write_jsonl(folder / "trec.jsonl", [
         longbench_record("trec", index, shots, f"Question: who is the {WORDS[index]}?\nType:", ["Human being"],
@@ -270,7 +271,8 @@ def test_rerun_after_a_kill_keeps_what_was_written_and_finishes(tiny, data_dir, 
     records = read_jsonl(output)
     assert len(records) == 5 and len({record["_id"] for record in records}) == 5
     expected = predictions_by_id(reference)
-    assert {record["_id"]: record["pred"] for record in records} == {key: value["pred"] for key, value in expected.items()}
+    predicted = {record["_id"]: record["pred"] for record in records}
+    assert predicted == {key: value["pred"] for key, value in expected.items()}
 
 
 def test_shards_write_parts_that_merge_into_the_single_process_result(tiny, data_dir, tmp_path):
@@ -306,12 +308,13 @@ def test_longbench_e_run_is_scored_by_length(model_dir, data_dir, tmp_path, caps
     assert "multi_news 8k+" in capsys.readouterr().out
 
 
-def test_budget_from_a_ratio_and_the_folder_names():
+def test_budget_options_and_the_folder_names():
     settings = GenerationSettings(method="SnapKV", max_capacity_prompts=-1, max_capacity_prompts_ratio=0.25)
-    assert settings.budget(prompt_length=402) == 100
-    assert GenerationSettings(method="SnapKV", max_capacity_prompts=64).budget(prompt_length=402) == 64
+    assert settings.budget_options() == {"max_capacity_prompt_ratio": 0.25}
+    assert GenerationSettings(method="SnapKV", max_capacity_prompts=64).budget_options() == {"max_capacity_prompt": 64}
     assert longbench_run.budget_label(-1, 0.25) == "ratio0.25" and longbench_run.budget_label(128) == "128"
-    assert longbench_run.prediction_path("out", "m", "128", "qasper", "H2O", longbench_e=True) == "out/m_128/qasper_e/H2O.json"
+    path = longbench_run.prediction_path("out", "m", "128", "qasper", "H2O", longbench_e=True)
+    assert path == "out/m_128/qasper_e/H2O.json"
     script = run_script()
     assert script.default_model_name("/models/Meta-Llama-3-8B-Instruct/") == "meta-llama-3-8b-instruct"
     assert script.default_model_name("weights/SmolLM2-135M.Q4_1.gguf") == "smollm2-135m.q4_1"
@@ -343,6 +346,7 @@ def test_download_unpacks_the_hub_archive(tmp_path, monkeypatch):
     assert sorted(path.name for path in (tmp_path / "LongBench").iterdir()) == ["trec.jsonl"]
 
 
+@pytest.mark.slow  # a subprocess: a fresh interpreter imports torch and transformers
 def test_launch_under_torchrun_with_two_processes(model_dir, data_dir, tmp_path):
     import subprocess
     import sys
@@ -357,14 +361,58 @@ def test_launch_under_torchrun_with_two_processes(model_dir, data_dir, tmp_path)
     assert len(read_jsonl(output)) == 5 and existing_parts(str(output)) == []
 
 
+def test_ratio_budgets_are_per_sample_whatever_the_batch(model_dir, data_dir, tmp_path):
+    """Each sample keeps round(ratio × its own prompt tokens), batched or alone, with the same predictions."""
+    outputs = {}
+    for batch in (1, 3):
+        save_dir = tmp_path / f"batch{batch}"
+        run_cli(*cli_arguments(model_dir, data_dir, save_dir, "--datasets", "multi_news", "--model_name", "tiny",
+                               "--max_capacity_prompts_ratio", "0.25", "--eval_batch_size", batch, budget=-1))
+        outputs[batch] = predictions_by_id(save_dir / "tiny_ratio0.25" / "multi_news" / "SnapKV.json")
+    assert outputs[1].keys() == outputs[3].keys() and len(outputs[1]) == 5
+    for sample_id, record in outputs[3].items():
+        assert record["kv_kept"] == [max(round(record["prompt_tokens"] * 0.25), 9)] * 2, sample_id
+        assert record["kv_kept"] == outputs[1][sample_id]["kv_kept"]
+        assert record["pred"] == outputs[1][sample_id]["pred"], sample_id
+    assert len({tuple(record["kv_kept"]) for record in outputs[3].values()}) > 1  # the samples differ
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget, message", [
+    ("4", "max_capacity_prompt must be an integer larger than window_size=8 (or a list of one per layer), got 4"),
+    ("-3", "max_capacity_prompt must be an integer larger than window_size=8 (or a list of one per layer), got -3"),
+    ("8", "larger than window_size=8"),
+])
+def test_a_bad_budget_stops_before_the_model_loads_and_writes_nothing(model_dir, data_dir, tmp_path, monkeypatch,
+                                                                      budget, message):
+    script = run_script()
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(script, "load_model", load_model)
+    arguments = cli_arguments(model_dir, data_dir, tmp_path / "out", "--datasets", "multi_news", budget=budget)
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")) as stopped:
+        script.main([str(argument) for argument in arguments])
+    assert str(stopped.value).count("\n") == 0  # one line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_summary_with_ratio_budgets_needs_batches_of_one(model_dir, data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--max_capacity_prompts_ratio with a --summary needs --eval_batch_size 1"):
+        run_cli(*cli_arguments(model_dir, data_dir, tmp_path, "--max_capacity_prompts_ratio", "0.5", "--summary",
+                               "merge", "--eval_batch_size", 2, budget=-1))
+
 
 @pytest.mark.parametrize("change, message", [
     (["--data_dir", "/nonexistent/LongBench"], "data folder '/nonexistent/LongBench' does not exist"),
-    (["--datasets", "narrativeqa"], r"no narrativeqa.jsonl in .*it holds: multi_news.jsonl, multi_news_e.jsonl, trec.jsonl"),
+    (["--datasets", "narrativeqa"],
+     r"no narrativeqa.jsonl in .*it holds: multi_news.jsonl, multi_news_e.jsonl, trec.jsonl"),
     (["--datasets", "multi_news,squad"], "unknown LongBench dataset 'squad'; choose from: narrativeqa"),
     (["--method", "snapKV2"], "unknown method 'snapKV2'; choose one of: "),
     (["--model_path", "/nonexistent/model"], "'/nonexistent/model' does not exist"),
+    (["--model_path", "no-such-org/no-such-model"], "'no-such-org/no-such-model' is not 'smollm2', an existing folder"),
     (["--max_capacity_prompts", "-1"], "max_capacity_prompts is -1 and max_capacity_prompts_ratio is unset"),
 ])
 def test_bad_input_is_named_and_nothing_written_is_lost(model_dir, data_dir, tmp_path, change, message):
@@ -392,7 +440,7 @@ def test_malformed_data_line_stops_with_file_and_line_or_is_skipped(model_dir, d
     assert len(read_jsonl(tmp_path / "out" / "m_16" / "multi_news" / "SnapKV.json")) == 5
 
 
-def test_run_with_a_kernel_writes_its_own_file_with_the_state_memory(model_dir, data_dir, tmp_path):
+def test_run_with_a_summary_writes_its_own_file_with_the_state_memory(model_dir, data_dir, tmp_path):
     run_cli(*cli_arguments(model_dir, data_dir, tmp_path, "--datasets", "multi_news", "--max_length", 80,
                            "--model_name", "tiny", "--kernel", "merge", "--state_budget", "4", budget=24))
     records = predictions_by_id(tmp_path / "tiny_24" / "multi_news" / "SnapKV_merge_sb4.json")

@@ -8,7 +8,6 @@ import torch
 
 from ntkkv import models
 from ntkkv.models import SUPPORTED_ARCHITECTURES, check_supported, load_model, resolve_dtype
-
 from tiny import FAMILIES, tiny_model
 
 
@@ -95,7 +94,8 @@ def test_flash_attention_2_without_flash_attn(monkeypatch, tiny_model_dir):
 
 def test_gguf_without_gguf_package(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
     with pytest.raises(ImportError, match=r"SmolLM2-135M-Instruct\.Q4_1\.gguf' needs the gguf package"):
         load_model("smollm2")
 
@@ -138,7 +138,8 @@ def test_hub_id_fails_offline_with_clear_error(monkeypatch):
 def test_unsupported_model_class_from_folder(tmp_path):
     # refused from the config alone, before any weights are read
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ValueError, match=r"unsupported model class 'GPT2LMHeadModel'.*LlamaForCausalLM, MistralForCausalLM"):
+    with pytest.raises(ValueError,
+                       match=r"unsupported model class 'GPT2LMHeadModel'.*LlamaForCausalLM, MistralForCausalLM"):
         load_model(tmp_path)
 
 

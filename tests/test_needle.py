@@ -10,10 +10,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_model
 
 from ntkkv import viz
 from ntkkv.eval import needle
+from tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDLE_SENTENCE = needle.DEFAULT_NEEDLE.strip()
@@ -160,11 +160,51 @@ def test_cli_refuses_bad_input_before_loading_a_model(flags, message):
     assert message in str(error.value)
 
 
-def test_cli_refuses_a_context_beyond_the_model_maximum(tiny_dir, essays, tmp_path):
+def refuse_to_load(script, monkeypatch):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(script, "load_model", load_model)
+    return script
+
+
+def test_cli_refuses_a_context_beyond_the_model_maximum_before_loading(tiny_dir, essays, tmp_path, monkeypatch):
+    script = refuse_to_load(load_script("run_needle_in_haystack.py"), monkeypatch)
     with pytest.raises(ValueError, match="exceeds the model's maximum of 4096"):
-        load_script("run_needle_in_haystack.py").main([
-            "--s_len", "1000", "--e_len", "6000", "--step", "5000", "--model_name", str(tiny_dir),
-            "--haystack_dir", str(essays), "--save_dir", str(tmp_path / "out")])
+        script.main(["--s_len", "1000", "--e_len", "6000", "--step", "5000", "--model_name", str(tiny_dir),
+                     "--haystack_dir", str(essays), "--save_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_capacity_prompt", "4", "--method", "snapkv"], "larger than window_size=8 (or a list of one per layer), "
+                                                            "got 4"),
+    (["--max_capacity_prompts", "64", "--method", "snapkv", "--summary", "taylor2", "--state_budget", "0.5"],
+     "summary 'taylor2': no layer's state budget holds a cluster"),
+])
+def test_cli_checks_budgets_against_the_model_before_loading(tiny_dir, essays, tmp_path, monkeypatch, flags, message):
+    script = refuse_to_load(load_script("run_needle_in_haystack.py"), monkeypatch)
+    with pytest.raises(ValueError) as error:
+        script.main(["--s_len", "500", "--e_len", "500", "--model_name", str(tiny_dir), "--haystack_dir", str(essays),
+                     "--save_dir", str(tmp_path / "out"), *flags])
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # a subprocess: a fresh interpreter imports torch and transformers
+def test_cli_gives_one_line_for_a_model_that_is_nowhere(tmp_path):
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, str(REPO / "run_needle_in_haystack.py"), "--s_len", "500", "--e_len",
+                               "500", "--model_name", "no-such-org/no-such-model", "--save_dir", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert finished.returncode != 0
+    errors = [line for line in finished.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [line for line in finished.stderr.splitlines() if line.strip()][-1:]  # the last line, alone
+    assert "'no-such-org/no-such-model' is not 'smollm2', an existing folder or a .gguf file" in errors[0]
+    assert "Traceback" not in finished.stderr
 
 
 # -- haystack construction -------------------------------------------------------------
@@ -278,11 +318,11 @@ def test_results_are_one_json_per_cell_with_the_seeds_names(tmp_path, essays, ti
     assert names == sorted(f"tiny_fullkv_len_{n}_depth_{d}_results.json" for n in (500, 800) for d in (0, 5000, 10000))
     record = json.loads(test.result_path(800, 50).read_text())
     assert {"model_response", "score", "key_facts_score", "method", "max_capacity_prompt", "prompt_length",
-            "kv_lengths", "context_length", "depth_percent", "needle"} <= set(record)
+            "kv_kept", "context_length", "depth_percent", "needle"} <= set(record)
     assert (record["method"], record["max_capacity_prompt"]) == ("fullkv", None)
-    assert len(record["kv_lengths"]) == model.config.num_hidden_layers
+    assert len(record["kv_kept"]) == model.config.num_hidden_layers
     # full KV keeps every prompt token; the prompt is the haystack plus the template and question
-    assert record["kv_lengths"] == [record["prompt_length"]] * model.config.num_hidden_layers
+    assert record["kv_kept"] == [record["prompt_length"]] * model.config.num_hidden_layers
     assert 600 - 30 <= record["prompt_length"] <= 800
     assert record["score"] == pytest.approx(needle.rouge_score(record["model_response"]))
     assert len(records) == 6
@@ -300,6 +340,37 @@ def test_rerun_skips_done_cells_and_runs_missing_ones(tmp_path, essays, tiny):
     assert [(r["context_length"], r["depth_percent"]) for r in resumed] == [(500, 50.0)]
 
 
+@pytest.mark.parametrize("broken", ["", '{"context_length": 500, "depth', "[1, 2]"])
+def test_an_unreadable_cell_is_rewritten_and_left_out_of_plots(tmp_path, essays, tiny, broken, caplog):
+    model, tokenizer = tiny
+    test, _ = _sweep(tmp_path, essays, model, tokenizer)
+    path = test.result_path(500, 50)
+    path.write_text(broken)
+    assert len(needle.load_results(test.results_dir)) == len(test.cells()) - 1
+    assert str(path) in caplog.text
+    _, resumed = _sweep(tmp_path, essays, model, tokenizer)
+    assert [(r["context_length"], r["depth_percent"]) for r in resumed] == [(500, 50.0)]
+    assert json.loads(path.read_text())["context_length"] == 500
+
+
+def test_cells_written_under_the_old_names_still_count_as_done(tmp_path, essays, tiny):
+    model, tokenizer = tiny
+    options = {"summary": "merge", "state_budget": 0.5}
+    test, _ = _sweep(tmp_path, essays, model, tokenizer, method="snapkv", max_capacity_prompt=64,
+                     context_lengths=[500], depth_percents=[50], compress_kwargs=options)
+    path = test.result_path(500, 50)
+    record = json.loads(path.read_text())
+    record["compression"] = {"kernel": "merge", "state_budget": 0.5}  # before the rename
+    record["kv_lengths"] = record.pop("kv_kept")
+    path.write_text(json.dumps(record))
+    _, again = _sweep(tmp_path, essays, model, tokenizer, method="snapkv", max_capacity_prompt=64,
+                      context_lengths=[500], depth_percents=[50], compress_kwargs={"kernel": "merge",
+                                                                                   "state_budget": 0.5})
+    assert again == []
+    (loaded,) = needle.load_results(test.results_dir)
+    assert loaded["kv_kept"] == record["kv_lengths"]
+
+
 def test_a_results_folder_of_another_method_is_not_mixed_in(tmp_path, essays, tiny):
     model, tokenizer = tiny
     _sweep(tmp_path, essays, model, tokenizer, context_lengths=[500], depth_percents=[50])
@@ -315,7 +386,7 @@ def test_compressed_cells_record_the_budget_per_layer(tmp_path, essays, tiny):
     assert test.results_dir.name == "tiny_snapkv_64"
     for record in records:
         assert record["method"] == "snapkv" and record["max_capacity_prompt"] == 64
-        assert record["kv_lengths"] == [64] * model.config.num_hidden_layers
+        assert record["kv_kept"] == [64] * model.config.num_hidden_layers
 
 
 def test_batched_cells_give_the_unbatched_answers(tmp_path, essays, tiny):
@@ -323,7 +394,7 @@ def test_batched_cells_give_the_unbatched_answers(tmp_path, essays, tiny):
     _, one_by_one = _sweep(tmp_path / "a", essays, model, tokenizer)
     _, batched = _sweep(tmp_path / "b", essays, model, tokenizer, eval_batch_size=4)
     assert {r["batch_size"] for r in batched} == {4, 2}
-    fields = ("context_length", "depth_percent", "prompt_length", "model_response", "kv_lengths")
+    fields = ("context_length", "depth_percent", "prompt_length", "model_response", "kv_kept")
     assert [[r[f] for f in fields] for r in batched] == [[r[f] for f in fields] for r in one_by_one]
 
 
@@ -370,7 +441,7 @@ def test_question_outside_with_full_kv_gives_the_question_inside_answers(tmp_pat
     _, inside = _sweep(tmp_path, essays, model, tokenizer, context_lengths=[500])
     test, outside = _sweep(tmp_path, essays, model, tokenizer, context_lengths=[500], question_outside=True)
     assert test.results_dir == tmp_path / "out" / "results" / "tiny_fullkv_qout"
-    fields = ("context_length", "depth_percent", "prompt_length", "model_response", "kv_lengths")
+    fields = ("context_length", "depth_percent", "prompt_length", "model_response", "kv_kept")
     assert [[r[f] for f in fields] for r in outside] == [[r[f] for f in fields] for r in inside]
     question_length = len(needle.split_prompt_ids(tokenizer, "", needle.DEFAULT_RETRIEVAL_QUESTION)[1])
     for record in outside:
@@ -386,10 +457,10 @@ def test_question_outside_cells_hold_the_budget_plus_the_question_batched_or_not
     _, batched = _sweep(tmp_path / "b", essays, model, tokenizer, eval_batch_size=4, **settings)
     assert test.results_dir.name == "tiny_snapkv_64_qout"
     assert {r["batch_size"] for r in batched} == {4, 2}
-    fields = ("context_length", "depth_percent", "prompt_length", "model_response", "kv_lengths")
+    fields = ("context_length", "depth_percent", "prompt_length", "model_response", "kv_kept")
     assert [[r[f] for f in fields] for r in batched] == [[r[f] for f in fields] for r in one_by_one]
     for record in one_by_one:
-        assert record["kv_lengths"] == [64 + record["question_length"]] * model.config.num_hidden_layers
+        assert record["kv_kept"] == [64 + record["question_length"]] * model.config.num_hidden_layers
 
 
 def test_question_outside_resumes_and_is_not_mixed_with_question_inside(tmp_path, essays, tiny):
@@ -488,6 +559,7 @@ def test_attention_maps_need_eager_attention(tiny):
         viz.layer_attention_maps(model, torch.tensor([[1, 2, 3]]))
 
 
+@pytest.mark.slow  # the notebook runs in a Jupyter kernel: a fresh interpreter imports torch and transformers
 def test_notebook_runs_and_writes_one_png_per_layer(tiny_dir, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
@@ -496,7 +568,8 @@ def test_notebook_runs_and_writes_one_png_per_layer(tiny_dir, tmp_path, monkeypa
     parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
     out_dir = tmp_path / "attention"
     parameters.source = (f"MODEL = {str(tiny_dir)!r}\nHAYSTACK_DIR = None\nDOC_TOKENS = 40\n"
-                         f"QUESTION = 'Which document is about startups?'\nOUT_DIR = {str(out_dir)!r}\nLOG_SCALE = True")
+                         f"QUESTION = 'Which document is about startups?'\nOUT_DIR = {str(out_dir)!r}\n"
+                         f"LOG_SCALE = True")
     # the kernel is a child process: it finds ntkkv through PYTHONPATH when it is not installed
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
@@ -514,11 +587,11 @@ def test_smollm2_with_full_kv_finds_the_needle(smollm2, tmp_path):
     (record,) = test.run(model, tokenizer, needle.Haystack(tokenizer))
     assert record["key_facts_score"] == 1.0, record["model_response"]
     assert record["score"] > 8
-    assert record["kv_lengths"] == [record["prompt_length"]] * 30
+    assert record["kv_kept"] == [record["prompt_length"]] * 30
 
 
 
-def test_cli_kernel_flags_name_the_results_and_are_recorded(tiny_dir, essays, tmp_path):
+def test_cli_summary_flags_name_the_results_and_are_recorded(tiny_dir, essays, tmp_path):
     script = load_script("run_needle_in_haystack.py")
     out = tmp_path / "out"
     arguments = ["--s_len", "500", "--e_len", "500", "--depths", "50", "--model_name", str(tiny_dir),
@@ -528,7 +601,7 @@ def test_cli_kernel_flags_name_the_results_and_are_recorded(tiny_dir, essays, tm
     (folder,) = (out / "results").iterdir()
     assert folder.name == f"{tiny_dir.name}_snapkv_merge_sb0.25_64"
     (record,) = needle.load_results(out)
-    assert record["compression"] == {"kernel": "merge", "state_budget": 0.25}
-    assert record["kv_lengths"] == [48] * 2 and record["kv_state"] == [16.0] * 2
-    with pytest.raises(ValueError, match="unknown kernel .nope."):
-        script.main([*arguments[:-6], "--kernel", "nope", "--save_dir", str(out)])
+    assert record["compression"] == {"summary": "merge", "state_budget": 0.25}
+    assert record["kv_kept"] == [48] * 2 and record["kv_state"] == [16.0] * 2
+    with pytest.raises(ValueError, match="unknown summary .nope."):
+        script.main([*arguments[:-6], "--summary", "nope", "--save_dir", str(out)])

@@ -3,11 +3,11 @@ the prompt (the question) is read over the compressed cache, then generation con
 
 import pytest
 import torch
-from tiny import random_prompt, tiny_model
 from transformers import DynamicCache
 
 import ntkkv
 from ntkkv.generation import cache_argument_name
+from tiny import random_prompt, tiny_model
 
 STEPS = 6
 

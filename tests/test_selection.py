@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ntkkv.methods import H2O, PyramidKV, SelectionInputs, SnapKV, StreamingLLM, build_method
+from ntkkv.policies import H2O, PyramidKV, SelectionInputs, SnapKV, StreamingLLM, build_policy
 
 
 def random_inputs(n=50, batch=2, kv_heads=2, group=2, d=8, padding=(0, 7), seed=0):
@@ -88,19 +88,37 @@ def test_streamingllm_keeps_the_first_real_tokens_and_the_last_window():
     assert kept[1, 1].tolist() == [5, 6, 7, 8] + list(range(24, 30))
 
 
-def test_pyramidkv_is_snapkv_with_each_layers_budget():
-    inputs = random_inputs(n=200, padding=(0, 0))
-    method = PyramidKV(max_capacity_prompt=24, window_size=4)
-    budgets = method.layer_budgets(4, prompt_length=200)
-    assert budgets == [44, 30, 17, 5]  # 4 + ramp 39, 26.3, 13.7, 1 floored, remainder to layer 0
+def test_pyramidkv_keeps_snapkvs_choice_at_each_layers_budget():
+    """Each layer's kept tokens are the definition's (window attention summed, max-pooled, top of the
+    rest) at the layer's hand-computed budget."""
+    n = 60
+    inputs = random_inputs(n=n, padding=(0, 5))
+    method = PyramidKV(max_capacity_prompt=12, window_size=4)
+    budgets = method.layer_budgets(4, prompt_length=n)
+    # selectable 8: top 8/20 = 0.4, bottom 16 - 0.4 = 15.6, step 5.07: 15, 10, 5, 0 floored (sum 30), the
+    # 2 left over to layers 0 and 1, and at least 1 each: 4 + (16, 11, 5, 1)
+    assert budgets == [20, 15, 9, 5]
     for layer, budget in enumerate(budgets):
-        expected = SnapKV(max_capacity_prompt=24, window_size=4).select(inputs, layer, budget)
-        assert torch.equal(method.select(inputs, layer, budget), expected)
+        expected = slow_choice(inputs, snap_scores(inputs, 4), budget, 4, 7, "maxpool")
+        assert torch.equal(method.select(inputs, layer, budget), expected), layer
+
+
+def test_a_short_prompt_gets_pyramidkvs_uniform_budget():
+    method = PyramidKV(max_capacity_prompt=12, window_size=4)
+    assert method.layer_budgets(4, prompt_length=19) == [12] * 4  # shorter than the bottom layer's 20
+    assert method.layer_budgets(4, prompt_length=20) == [20, 15, 9, 5]
+
+
+def test_ratio_budgets_follow_each_prompts_own_length():
+    method = SnapKV(max_capacity_prompt_ratio=0.25, window_size=4)
+    assert method.layer_budgets(2, prompt_length=100) == [25, 25]
+    assert method.layer_budgets(2, prompt_length=10) == [5, 5]  # round(2.5) = 2, raised to window + 1
+    assert PyramidKV(max_capacity_prompt_ratio=0.5, window_size=4).layer_budgets(4, 24) == [20, 15, 9, 5]
 
 
 def test_original_defaults():
-    snap = build_method("SnapKV", 128)
+    snap = build_policy("SnapKV", 128)
     assert (snap.window_size, snap.kernel_size, snap.pooling) == (8, 7, "maxpool")
-    assert build_method("streamingLLM", 128).window_size == 124
-    assert build_method("H2O", 128).pooling == "maxpool"
-    assert build_method("FullKV", 128) is None
+    assert build_policy("streamingLLM", 128).window_size == 124
+    assert build_policy("H2O", 128).pooling == "maxpool"
+    assert build_policy("FullKV", 128) is None

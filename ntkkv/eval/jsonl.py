@@ -69,22 +69,26 @@ def trim_partial_tail(path):
 
 
 class JsonlAppender:
-    """Appends records to a JSON-lines file, each line flushed and fsynced on its own."""
+    """Appends records to a JSON-lines file, each line flushed and fsynced on its own. The file (and
+    its folder) is created at the first record, so a run that fails before any leaves nothing behind."""
 
     def __init__(self, path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if os.path.exists(path):
-            trim_partial_tail(path)
         self.path = path
-        self.handle = open(path, "a", encoding="utf-8")
+        self.handle = None
 
     def write(self, record):
+        if self.handle is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            if os.path.exists(self.path):
+                trim_partial_tail(self.path)
+            self.handle = open(self.path, "a", encoding="utf-8")
         self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         self.handle.flush()
         os.fsync(self.handle.fileno())
 
     def close(self):
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
     def __enter__(self):
         return self

@@ -14,9 +14,11 @@ import time
 import torch
 from tqdm import tqdm
 
-import ntkkv
 from ntkkv.eval import longbench
+from ntkkv.eval.batching import left_pad
 from ntkkv.eval.jsonl import JsonlAppender, merge_parts, part_path, read_predictions
+from ntkkv.generation import generate
+from ntkkv.patch import compress
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +49,9 @@ class GenerationSettings:
 
     method: str
     max_capacity_prompts: int = 512
-    """K/V entries kept per layer; -1 to use max_capacity_prompts_ratio instead."""
+    """Memory per layer and KV head in token equivalents; -1 to use max_capacity_prompts_ratio instead."""
     max_capacity_prompts_ratio: float = -1
-    """Budget as a share of the (padded) prompt length, when max_capacity_prompts is -1."""
+    """Budget as a share of each sample's own prompt length, when max_capacity_prompts is -1."""
     eval_batch_size: int = 1
     max_new_tokens: int = None
     """None: LongBench's limit for the task."""
@@ -58,13 +60,14 @@ class GenerationSettings:
     chat_template: bool = True
     use_cache: bool = True
     compress_kwargs: dict = dataclasses.field(default_factory=dict)
-    """Passed on to ntkkv.compress (window_size, kernel_size, pooling, gqa_reduce)."""
+    """Passed on to ntkkv.compress (window_size, kernel_size, pooling, gqa_reduce, summary...)."""
 
-    def budget(self, prompt_length):
+    def budget_options(self) -> dict:
+        """The budget as ntkkv.compress takes it: max_capacity_prompt, or the ratio applied per sample."""
         if self.max_capacity_prompts != -1:
-            return self.max_capacity_prompts
+            return {"max_capacity_prompt": self.max_capacity_prompts}
         if self.max_capacity_prompts_ratio != -1:
-            return round(prompt_length * self.max_capacity_prompts_ratio)
+            return {"max_capacity_prompt_ratio": self.max_capacity_prompts_ratio}
         raise ValueError("max_capacity_prompts is -1 and max_capacity_prompts_ratio is unset: set one of them")
 
 
@@ -78,17 +81,6 @@ def budget_label(max_capacity_prompts, max_capacity_prompts_ratio=-1):
 def prediction_path(save_dir, model_name, label, dataset, method, longbench_e=False):
     folder = f"{dataset}_e" if longbench_e else dataset
     return os.path.join(save_dir, f"{model_name}_{label}", folder, f"{method}.json")
-
-
-def left_padded_batch(sequences, pad_token_id, device):
-    """(input_ids, attention_mask) with every sequence right-aligned."""
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def cut_at_stop(token_ids, stop_ids):
@@ -110,17 +102,16 @@ def generate_batch(model, tokenizer, batch_ids, settings, max_new_tokens, stop_i
     """Predictions, their token counts (stop token excluded) and kept K/V lengths per layer, per sample."""
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = model.get_input_embeddings().weight.device
-    input_ids, attention_mask = left_padded_batch(batch_ids, pad_token_id, device)
-    with ntkkv.compress(model, method=settings.method, max_capacity_prompt=settings.budget(input_ids.shape[1]),
-                        **settings.compress_kwargs):
-        output = ntkkv.generate(
+    input_ids, attention_mask = left_pad(batch_ids, pad_token_id, device)
+    with compress(model, settings.method, **settings.budget_options(), **settings.compress_kwargs):
+        output = generate(
             model, input_ids, attention_mask,
             max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False, num_beams=1,
             eos_token_id=stop_ids, pad_token_id=pad_token_id, use_cache=settings.use_cache,
         )
     answers = [cut_at_stop(new_tokens, stop_ids) for new_tokens in output.new_tokens]
     predictions = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
-    return predictions, [len(answer) for answer in answers], output.kv_lengths, output.state_tokens
+    return predictions, [len(answer) for answer in answers], output.kv_kept, output.state_tokens
 
 
 def run_dataset(model, tokenizer, dataset, examples, output_path, settings, shard=Shard(), on_bad_line="stop"):
@@ -152,15 +143,15 @@ def run_dataset(model, tokenizer, dataset, examples, output_path, settings, shar
             batch = pending[start : start + settings.eval_batch_size]
             batch_ids = [prompt_ids[example["_id"]] for example in batch]
             started = time.perf_counter()
-            predictions, answer_lengths, kv_lengths, state_tokens = generate_batch(
+            predictions, answer_lengths, kv_kept, state_tokens = generate_batch(
                 model, tokenizer, batch_ids, settings, max_new_tokens, stop_ids
             )
             seconds = (time.perf_counter() - started) / len(batch)
             for example, ids, prediction, answer_length, kept, state in zip(
-                batch, batch_ids, predictions, answer_lengths, kv_lengths, state_tokens
+                batch, batch_ids, predictions, answer_lengths, kv_kept, state_tokens
             ):
                 kept = [int(entries) for entries in kept]
-                # kv_state: memory (token equivalents) of merged slots and kernel state standing for evicted tokens
+                # kv_state: memory (token equivalents) of merged slots and summary state standing for evicted tokens
                 writer.write({**example, "pred": prediction, "prompt_tokens": len(ids), "answer_tokens": answer_length,
                               "kv_kept": kept, "kv_state": [round(float(n), 3) for n in state],
                               "seconds": round(seconds, 3)})

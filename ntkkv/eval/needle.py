@@ -22,9 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import ntkkv
-from ntkkv.eval.options import run_label
-from ntkkv.methods import canonical_name
+from ntkkv.eval.batching import left_pad
+from ntkkv.eval.options import recorded_options, run_label
+from ntkkv.generation import generate
+from ntkkv.models import context_length
+from ntkkv.patch import compress
+from ntkkv.policies import canonical_name
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +94,8 @@ def context_lengths(s_len, e_len, step):
     if step <= 0:
         raise ValueError(f"--step must be positive, got {step}")
     if s_len <= FINAL_CONTEXT_LENGTH_BUFFER:
-        raise ValueError(f"--s_len {s_len} leaves no haystack: it must exceed the {FINAL_CONTEXT_LENGTH_BUFFER}-token buffer")
+        raise ValueError(f"--s_len {s_len} leaves no haystack: it must exceed the "
+                         f"{FINAL_CONTEXT_LENGTH_BUFFER}-token buffer")
     return [int(length) for length in np.arange(s_len, e_len + 1, step)]
 
 
@@ -109,9 +113,9 @@ def check_depths(depths):
     return [float(d) for d in depths]
 
 
-def check_context_fits(lengths, model):
-    """Raise if the longest context exceeds what the model was trained for."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+def check_context_fits(lengths, model_or_config):
+    """Raise if the longest context exceeds what the model was trained for (its config suffices)."""
+    limit = context_length(model_or_config)
     if limit is not None and max(lengths) > limit:
         raise ValueError(
             f"context length {max(lengths)} exceeds the model's maximum of {limit} tokens; "
@@ -268,7 +272,7 @@ class NeedleTest:
     depth_percents: list
     method: str = "fullkv"
     max_capacity_prompt: int = 128
-    """K/V entries kept per layer after prefill (ignored by fullkv)."""
+    """Memory per layer and KV head after prefill, in token equivalents (ignored by fullkv)."""
     model_name: str = "smollm2"
     model_version: str = None
     """Names the results folder; default '<model>_<method>_<budget>', with '_qout' when question_outside."""
@@ -287,8 +291,7 @@ class NeedleTest:
     is prefilled and compressed, the question inside it (the seed's setting)."""
 
     def __post_init__(self):
-        # 'full' is the seed's name for fullkv
-        self.method = canonical_name("fullkv" if self.method.lower() == "full" else self.method)
+        self.method = canonical_name(self.method)  # 'full', the seed's name, is fullkv
         if self.key_facts is None:
             self.key_facts = DEFAULT_KEY_FACTS if self.needle == DEFAULT_NEEDLE else ()
         if self.model_version is None:
@@ -311,16 +314,26 @@ class NeedleTest:
     def cells(self):
         return [(length, depth) for length in self.context_lengths for depth in self.depth_percents]
 
-    def is_done(self, context_length, depth_percent):
+    def completed(self, context_length, depth_percent):
+        """Whether this cell's result is written. A file that cannot be read (a run killed while writing
+        it) counts as not done and is rewritten; a file of another run's settings stops the run."""
         path = self.result_path(context_length, depth_percent)
         if not path.exists():
             return False
-        # cells written before the question_outside mode and the kernels existed: question inside, no options
-        done = {"question_outside": False, "compression": {}, **json.loads(path.read_text())}
+        try:
+            done = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(done, dict):
+                raise ValueError(f"a JSON {type(done).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as error:
+            logger.warning("%s is unreadable (%s): the cell runs again", path, error)
+            return False
+        # cells written before the question_outside mode and the summaries existed: question inside, no options
+        done = {"question_outside": False, "compression": {}, **done}
         expected = {"method": self.method, "max_capacity_prompt": self._budget(), "needle": self.needle,
                     "version": self.results_version, "question_outside": self.question_outside,
                     "compression": self._compression()}
-        mismatched = {k: done.get(k) for k, v in expected.items() if done.get(k) != v}
+        found = {**done, "compression": recorded_options(done["compression"] or {})}
+        mismatched = {k: found.get(k) for k, v in expected.items() if found.get(k) != v}
         if mismatched:
             raise ValueError(
                 f"{path} was written by another run ({mismatched}, this run: "
@@ -333,25 +346,21 @@ class NeedleTest:
 
     def _compression(self):
         """The compression options as recorded (JSON types); none for fullkv."""
-        if self.method == "fullkv":
-            return {}
-        return {name: value if isinstance(value, (int, float, str, bool)) else repr(value)
-                for name, value in self.compress_kwargs.items()}
+        return {} if self.method == "fullkv" else recorded_options(self.compress_kwargs)
 
     def run(self, model, tokenizer, haystack):
         """Run every cell not done yet; returns the records written by this call."""
         check_context_fits(self.context_lengths, model)
         if haystack.needle != self.needle:
             raise ValueError(f"the haystack hides {haystack.needle!r} but this test scores {self.needle!r}")
-        todo = [cell for cell in self.cells() if not self.is_done(*cell)]
+        todo = [cell for cell in self.cells() if not self.completed(*cell)]
         logger.info("%s: %d cells to run, %d already done", self.model_version,
                     len(todo), len(self.cells()) - len(todo))
         self.results_dir.mkdir(parents=True, exist_ok=True)
         # similar lengths in one batch waste less padding
         todo.sort()
         records = []
-        with (ntkkv.compress(model, method=self.method, max_capacity_prompt=self.max_capacity_prompt,
-                             **self.compress_kwargs),
+        with (compress(model, self.method, max_capacity_prompt=self.max_capacity_prompt, **self.compress_kwargs),
               tqdm(total=len(todo), desc=self.model_version, unit="cell") as progress):
             for start in range(0, len(todo), self.eval_batch_size):
                 batch = todo[start:start + self.eval_batch_size]
@@ -375,7 +384,7 @@ class NeedleTest:
         newline_id = _encode(tokenizer, "\n")[-1]
         started = time.perf_counter()
         with torch.inference_mode():
-            out = ntkkv.generate(
+            out = generate(
                 model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=MAX_NEW_TOKENS,
                 do_sample=False, num_beams=1, eos_token_id=[tokenizer.eos_token_id, newline_id],
                 pad_token_id=tokenizer.pad_token_id,
@@ -402,8 +411,8 @@ class NeedleTest:
                 "question_length": question_length,
                 "prompt_length": int(inputs["attention_mask"][i].sum()),
                 "needle_token_position": contexts[i][1],
-                "kv_lengths": [int(n) for n in out.kv_lengths[i]],
-                # memory of what stands for evicted tokens (merged slots, kernel state), token equivalents
+                "kv_kept": [int(n) for n in out.kv_kept[i]],
+                # memory of what stands for evicted tokens (merged slots, summary state), token equivalents
                 "kv_state": [round(float(n), 3) for n in out.state_tokens[i]],
                 "compression": self._compression(),
                 "batch_size": len(batch),
@@ -413,14 +422,10 @@ class NeedleTest:
 
 
 def _tokenize_left_padded(tokenizer, prompts, device):
-    # the chat template already holds the special tokens
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        _ensure_pad_token(tokenizer)
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = padding_side
-    return {name: tensor.to(device) for name, tensor in inputs.items()}
+    _ensure_pad_token(tokenizer)
+    input_ids, attention_mask = left_pad([_encode_prompt(tokenizer, prompt) for prompt in prompts],
+                                         tokenizer.pad_token_id, device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def _split_left_padded(tokenizer, parts, device):
@@ -432,14 +437,9 @@ def _split_left_padded(tokenizer, parts, device):
         raise ValueError(f"the question tokenises to {sorted(question_lengths)} tokens across the batch; "
                          "run with eval_batch_size 1")
     _ensure_pad_token(tokenizer)
-    rows = [context + question for context, question in parts]
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row)
-        attention_mask[i, width - len(row):] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}, question_lengths.pop()
+    input_ids, attention_mask = left_pad([context + question for context, question in parts], tokenizer.pad_token_id,
+                                         device)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, question_lengths.pop()
 
 
 def _ensure_pad_token(tokenizer):
@@ -447,9 +447,25 @@ def _ensure_pad_token(tokenizer):
         tokenizer.pad_token = tokenizer.eos_token
 
 
+def read_cell(path):
+    """One cell's record, or None (with a warning naming the file) when it cannot be read."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        logger.warning("%s is unreadable (%s): left out", path, error)
+        return None
+    if not isinstance(record, dict) or not {"context_length", "depth_percent"} <= set(record):
+        logger.warning("%s is not a needle cell record: left out", path)
+        return None
+    if "kv_lengths" in record and "kv_kept" not in record:  # the name of this field before
+        record["kv_kept"] = record.pop("kv_lengths")
+    return record
+
+
 def load_results(results_dir):
-    """Every cell record under a folder (searched recursively), sorted by length and depth."""
-    records = [json.loads(p.read_text()) for p in sorted(Path(results_dir).rglob("*_results.json"))]
+    """Every readable cell record under a folder (searched recursively), sorted by length and depth."""
+    records = [read_cell(p) for p in sorted(Path(results_dir).rglob("*_results.json"))]
+    records = [record for record in records if record is not None]
     return sorted(records, key=lambda r: (r["context_length"], r["depth_percent"]))
 
 
@@ -462,6 +478,7 @@ def load_results_by_run(results_dir):
     """{model_version: records} for every results folder under `results_dir`, full KV first."""
     folders = sorted({p.parent for p in Path(results_dir).rglob("*_results.json")})
     runs = {folder.name: load_results(folder) for folder in folders}
+    runs = {name: records for name, records in runs.items() if records}
 
     def order(item):
         first = item[1][0]

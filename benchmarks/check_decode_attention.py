@@ -1,0 +1,212 @@
+"""The Triton merged decode attention against its plain-torch composition: accuracy, then speed.
+
+    python benchmarks/check_merge_triton.py                      # CUDA: full grid, then timings
+    python benchmarks/check_merge_triton.py --batches 1 --slots 8192 --repeats 200
+    python benchmarks/check_merge_triton.py --device cpu --interpret   # tiny run in Triton's interpreter
+
+Accuracy: max |triton - reference| / max |reference| per case (NaN only where the reference has
+NaN), the reference computed from the same 16-bit tensors; the bar is 1e-5 for fp32 caches and
+1e-3 for 16-bit ones. Speed: median milliseconds of --repeats calls after --warmup calls, each
+timed with CUDA events (perf_counter on CPU); "GB/s" is the K/V bytes read per second.
+"""
+
+import argparse
+import functools
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+STATES = ("none", "some", "empty")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--interpret", action="store_true",
+                        help="run the kernels in Triton's interpreter (CPU tensors; sets TRITON_INTERPRET=1)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls first (compilation, caches)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--slots", type=int, nargs="+", default=[512, 2048, 8192, 32768], help="kept slots S")
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--group", type=int, default=4, help="query heads per KV head (one new token: m = group)")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="K/V dtype of the timings")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--split-sweep", action="store_true",
+                        help="also time the Triton path at forced split counts, to check the automatic choice")
+    args = parser.parse_args()
+    if args.device == "cpu" and not args.interpret:
+        parser.error("--device cpu needs --interpret: compiled Triton kernels run on CUDA only")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here; use --device cpu --interpret for a tiny check in the interpreter")
+    if args.interpret and args.device == "cuda":
+        parser.error("--interpret runs on CPU tensors: add --device cpu")
+    return args
+
+
+def make_case(kv_dtype, head_dim, num_rows, num_slots, state, batch=2, kv_heads=2, device="cuda", seed=0):
+    """Random decode inputs, drawn on `device`: a fifth of the slots padding (-inf), a fifth merged
+    (log n), every slot of head (1, 0) padding; state "none", "some" (a fifth of log_mass -inf) or
+    "empty" (all -inf)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def draw(sampler, *shape):
+        return sampler(*shape, generator=generator, device=device)
+
+    slot_bias = torch.zeros(batch, kv_heads, num_slots, device=device)
+    slot_bias[draw(torch.rand, batch, kv_heads, num_slots) < 0.2] = -math.inf
+    merged = draw(torch.rand, batch, kv_heads, num_slots) < 0.2
+    merged_sizes = torch.randint(2, 9, (int(merged.sum()),), generator=generator, device=device)
+    slot_bias[merged] = merged_sizes.float().log()
+    if batch > 1:
+        slot_bias[1, 0] = -math.inf
+    case = {
+        "queries": (draw(torch.randn, batch, kv_heads, num_rows, head_dim) * 3).to(kv_dtype),
+        "keys": draw(torch.randn, batch, kv_heads, num_slots, head_dim).to(kv_dtype),
+        "values": draw(torch.randn, batch, kv_heads, num_slots, head_dim).to(kv_dtype),
+        "slot_bias": slot_bias,
+        "scaling": head_dim**-0.5,
+        "log_mass": None,
+        "state_mean": None,
+    }
+    if state != "none":
+        log_mass = draw(torch.randn, batch, kv_heads, num_rows) + math.log(num_slots + 1)
+        share_empty = 1.0 if state == "empty" else 0.2
+        log_mass[draw(torch.rand, batch, kv_heads, num_rows) < share_empty] = -math.inf
+        case |= {"log_mass": log_mass, "state_mean": draw(torch.randn, batch, kv_heads, num_rows, head_dim)}
+    return case
+
+
+def relative_error(output, expected):
+    """max |output - expected| / max |expected| where expected is not NaN; inf if the NaNs differ."""
+    if not torch.equal(output.isnan(), expected.isnan()):
+        return math.inf
+    real = ~expected.isnan()
+    if not real.any():
+        return 0.0
+    return ((output - expected)[real].abs().max() / expected[real].abs().max().clamp_min(1e-30)).item()
+
+
+def accuracy_table(fast, reference, device, interpret):
+    """One line per (dtype, d, m, S), one error column per state; returns the number of failed cases."""
+    dtypes = ["fp32", "bf16"] if interpret else ["fp32", "bf16", "fp16"]
+    head_dims = [64] if interpret else [64, 128]
+    rows = [1, 3] if interpret else [1, 3, 12]
+    slots = [5, 100] if interpret else [1, 5, 100, 1000, 32768]
+    print("\n## accuracy: max relative error, Triton vs plain torch\n")
+    print("| K/V | d | m | S | " + " | ".join(f"state {state}" for state in STATES) + " | bar | ok |")
+    print("|---|---|---|---|" + "---|" * len(STATES) + "---|---|")
+    failures = 0
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        for head_dim in head_dims:
+            for num_rows in rows:
+                for num_slots in slots:
+                    errors = []
+                    for state in STATES:
+                        case = make_case(dtype, head_dim, num_rows, num_slots, state, device=device)
+                        errors.append(relative_error(fast(**case, force_triton=True), reference(**case)))
+                    ok = all(error <= TOLERANCE[dtype] for error in errors)
+                    failures += sum(error > TOLERANCE[dtype] for error in errors)
+                    cells = " | ".join(f"{error:.1e}" for error in errors)
+                    print(f"| {dtype_name} | {head_dim} | {num_rows} | {num_slots} | {cells} | "
+                          f"{TOLERANCE[dtype]:.0e} | {'yes' if ok else 'NO'} |")
+    return failures
+
+
+def median_ms(fn, repeats, warmup, device):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
+def speed_table(fast, reference, args):
+    dtype = DTYPES[args.dtype]
+    print(f"\n## speed: hkv {args.kv_heads}, group {args.group} (m = {args.group}), d {args.head_dim}, "
+          f"{args.dtype} K/V; median of {args.repeats} after {args.warmup} warm-up calls\n")
+    print("| batch | S | state | torch ms | triton ms | speed-up | triton GB/s | sdpa ms (no state) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in args.batches:
+        for num_slots in args.slots:
+            for state in ("none", "some"):
+                case = make_case(dtype, args.head_dim, args.group, num_slots, state, batch=batch,
+                                 kv_heads=args.kv_heads, device=args.device)
+                time_ms = functools.partial(median_ms, repeats=args.repeats, warmup=args.warmup, device=args.device)
+                torch_ms = time_ms(functools.partial(reference, **case))
+                triton_ms = time_ms(functools.partial(fast, **case, force_triton=True))
+                kv_bytes = case["keys"].numel() * case["keys"].element_size() * 2
+                sdpa = "-"
+                if state == "none":
+                    # the fused library kernel the state-less decode path uses, for scale (its mask in K/V's dtype)
+                    sdpa_ms = time_ms(functools.partial(
+                        torch.nn.functional.scaled_dot_product_attention, case["queries"], case["keys"],
+                        case["values"], attn_mask=case["slot_bias"][:, :, None, :].to(dtype), scale=case["scaling"]))
+                    sdpa = f"{sdpa_ms:.3f}"
+                print(f"| {batch} | {num_slots} | {state} | {torch_ms:.3f} | {triton_ms:.3f} | "
+                      f"{torch_ms / triton_ms:.1f}x | {kv_bytes / triton_ms / 1e6:.0f} | {sdpa} |")
+
+
+def split_sweep_table(fast, args):
+    dtype = DTYPES[args.dtype]
+    counts = [1, 4, 16, 64, 256]
+    print(f"\n## Triton ms by number of chunks over S (auto: the default plan), no state, {args.dtype}\n")
+    print("| batch | S | auto | " + " | ".join(map(str, counts)) + " |")
+    print("|---|---|---|" + "---|" * len(counts))
+    for batch in args.batches:
+        for num_slots in args.slots:
+            case = make_case(dtype, args.head_dim, args.group, num_slots, "none", batch=batch,
+                             kv_heads=args.kv_heads, device=args.device)
+            time_ms = functools.partial(median_ms, repeats=args.repeats, warmup=args.warmup, device=args.device)
+            cells = [time_ms(functools.partial(fast, **case, force_triton=True, num_splits=count))
+                     for count in [None, *counts]]
+            print(f"| {batch} | {num_slots} | " + " | ".join(f"{ms:.3f}" for ms in cells) + " |")
+
+
+def main():
+    args = parse_args()
+    if args.interpret:
+        # triton.jit picks the interpreter when the kernels are defined, so before the import
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.batches, args.slots = args.batches[:1], [min(args.slots[0], 128)]
+        args.kv_heads, args.repeats, args.warmup = 2, min(args.repeats, 2), min(args.warmup, 1)
+    from ntkkv.ops import decode_attention as merge_triton
+
+    if merge_triton.triton is None:
+        sys.exit("triton is not installed")
+    fast, reference = merge_triton.merged_decode_attention, merge_triton.merged_decode_attention_reference
+    card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)"
+    print(f"device: {card}; torch {torch.__version__}, triton {merge_triton.triton.__version__}")
+    failures = 0
+    if not args.skip_accuracy:
+        failures = accuracy_table(fast, reference, args.device, args.interpret)
+        print(f"\n{failures} case(s) over the bar")
+    if not args.skip_speed:
+        speed_table(fast, reference, args)
+    if args.split_sweep:
+        split_sweep_table(fast, args)
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

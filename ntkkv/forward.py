@@ -1,0 +1,118 @@
+"""One attention forward for Llama, Mistral and Qwen2, every backend, every policy and summary.
+
+Prefill (the layer's cache is empty): the model's own attention over the whole prompt, then the
+module's `kv_compressor` (`ntkkv.compressor.Compressor`) keeps what each KV head keeps and
+summarises the rest. Later calls: attend over the held slots plus the new tokens, with each
+slot's bias as an additive mask; with a summary state, merge it in through the log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .cache import CompressedLayer, ensure_compressed_layer
+from .ops import merge_attention, reference_attention, slot_logit_bias
+from .ops.decode_attention import HEAD_DIMS as FUSED_HEAD_DIMS
+from .ops.decode_attention import merged_decode_attention
+
+# cuDNN's sdpa builds a graph for every new key length (~40 ms on an H200, torch 2.11) and decode
+# sees a new length every step; the others need no such set-up (benchmarks/decode_probe.py)
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def padding_mask(attention_mask, batch: int, n: int, device) -> torch.Tensor:
+    """(batch, n) bool, False at padding, read off whatever mask the model built."""
+    if attention_mask is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 2:  # flash_attention_2 gets the 2D padding mask itself
+        return attention_mask[:, -n:].bool()
+    allowed = attention_mask if attention_mask.dtype == torch.bool \
+        else attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    allowed = allowed[:, 0, -n:, -n:]
+    # a token is real if it sees itself; some masks open padding rows fully, which also opens
+    # the last key to them, which no real earlier token sees
+    own = allowed.diagonal(dim1=-2, dim2=-1).clone()
+    sees_last = allowed[..., :-1, -1]
+    own[:, :-1] &= ~sees_last
+    return own.expand(batch, n)
+
+
+def attend_to_cache(module, queries, layer: CompressedLayer, interface, backend: str, **kwargs):
+    """Attention of `queries` (batch, heads, m, d) over everything the layer holds."""
+    batch, heads, num_queries, head_dim = queries.shape
+    kv_heads = layer.keys.shape[1]
+    group = heads // kv_heads
+    masked = layer.masked
+    if layer.state is None and not (backend == "flash_attention_2" and masked):
+        mask = None
+        if backend != "flash_attention_2" and (masked or num_queries > 1):
+            mask = slot_logit_bias(layer.slot_bias(), num_queries).repeat_interleave(group, dim=1).to(queries.dtype)
+        if backend == "sdpa" and queries.is_cuda:
+            with sdpa_kernel(DECODE_SDPA_BACKENDS):
+                return interface(module, queries, layer.keys, layer.values, mask, dropout=0.0,
+                                 scaling=module.scaling, **kwargs)
+        return interface(module, queries, layer.keys, layer.values, mask, dropout=0.0, scaling=module.scaling, **kwargs)
+    grouped = queries.reshape(batch, kv_heads, group * num_queries, head_dim)
+    output = merged_attention(grouped, layer, module.scaling, num_queries)
+    output = output.view(batch, heads, num_queries, head_dim).transpose(1, 2).to(queries.dtype)
+    return output, None
+
+
+def merged_attention(grouped_queries, layer: CompressedLayer, scaling: float, num_queries: int) -> torch.Tensor:
+    """The general path, at KV-head granularity: softmax over the slots with their biases (causal
+    among the `num_queries` newest), merged with the summary state through the log-sum-exp.
+
+    grouped_queries (batch, kv_heads, group * num_queries, d) -> float32 output of the same shape.
+    """
+    state = layer.state.read(grouped_queries, scaling) if layer.state is not None else (None, None)
+    if num_queries == 1 and grouped_queries.is_cuda and grouped_queries.shape[-1] in FUSED_HEAD_DIMS:
+        # decode: one fused Triton kernel for the softmax over the slots and the merge (plain torch below
+        # is its reference)
+        return merged_decode_attention(grouped_queries, layer.keys, layer.values, layer.slot_bias(), scaling, *state)
+    group = grouped_queries.shape[2] // num_queries
+    logit_bias = slot_logit_bias(layer.slot_bias(), num_queries).repeat(1, 1, group, 1)
+    lse, output = reference_attention(grouped_queries, layer.keys, layer.values, logit_bias, scaling)
+    if layer.state is not None:
+        output = merge_attention(lse, output, *state)
+    return output
+
+
+def compressed_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
+                                 past_key_values=None, cache=None, **kwargs):
+    """Replaces `LlamaAttention.forward` (and Mistral's, Qwen2's); `self.kv_compressor` is a `Compressor`."""
+    cache = cache if cache is not None else past_key_values
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    queries = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    model_module = sys.modules[type(self).__module__]
+    queries, keys = model_module.apply_rotary_pos_emb(queries, keys, cos, sin)
+
+    backend = self.config._attn_implementation
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, model_module.eager_attention_forward)
+    sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+    layer = ensure_compressed_layer(cache, self.layer_idx) if cache is not None else None
+    compressor = self.kv_compressor
+    if layer is None or layer.num_slots() == 0:
+        output, weights = interface(self, queries, keys, values, attention_mask, dropout=0.0,
+                                    scaling=self.scaling, sliding_window=sliding_window, **kwargs)
+        if layer is not None:
+            batch, _, n, _ = keys.shape
+            valid = padding_mask(attention_mask, batch, n, keys.device)
+            compressed = compressor.compress_layer(queries, keys, values, valid, self.layer_idx,
+                                                   self.config.num_hidden_layers, self.scaling)
+            layer.store(compressed, n)
+    else:
+        layer.update(keys, values)
+        if compressor.ratchet is not None:
+            summary = compressor.summary
+            layer.apply_ratchet(compressor.ratchet, summary is not None and summary.merges_slots)
+        output, weights = attend_to_cache(self, queries, layer, interface, backend, **kwargs)
+    output = output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(output), weights

@@ -1,0 +1,74 @@
+"""What happens to evicted tokens: summaries by name, one per file behind one interface
+(`base.Summary`: plan, summarise; a state's fold).
+
+A new summary is one file here and one line in `_REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from .base import DEFAULT_STATE_BUDGET, ClusterSummary, LayerPlan, Summarised, Summary, SummaryState
+from .exact import Exact, ExactState, Linear, LinearState
+from .learned import Learned, LearnedFeatures
+from .merge import Merge
+from .taylor import SeedTaylor, Taylor
+from .variance import MergeVariance
+
+_REGISTRY: dict[str, tuple[type[ClusterSummary], dict] | None] = {
+    "none": None,  # evicted tokens are dropped
+    "merge": (Merge, {}),
+    "merge_calibrated": (Merge, {"calibrate": True}),
+    "merge_variance": (MergeVariance, {}),
+    "taylor1": (Taylor, {"order": 1}),
+    "taylor2": (Taylor, {"order": 2, "pairs": "full"}),
+    "taylor2_diag": (Taylor, {"order": 2, "pairs": "diag"}),
+    "taylor2_lowrank": (Taylor, {"order": 2, "pairs": "full", "rank": 4}),
+    "seed_taylor": (SeedTaylor, {}),
+    "learned": (Learned, {}),
+}
+SUMMARIES = tuple(_REGISTRY)
+ALIASES = {"ratchetkv": "seed_taylor"}  # the seed repository's name for its state
+
+
+def canonical_summary(name: str) -> str:
+    """'Merge' -> 'merge', 'ratchetkv' -> 'seed_taylor'; an unknown name raises, naming the allowed ones."""
+    canonical = ALIASES.get(str(name).lower(), str(name).lower())
+    if canonical not in _REGISTRY:
+        raise ValueError(f"unknown summary {name!r}; choose one of: {', '.join(SUMMARIES)}")
+    return canonical
+
+
+def build_summary(summary, state_budget=None, cluster_by=None, rank=None, summary_path=None) -> Summary | None:
+    """A summary object by name (None for "none"); a `Summary` object passes through unchanged."""
+    if summary is None or isinstance(summary, Summary):
+        for flag, value in (("state_budget", state_budget), ("cluster_by", cluster_by), ("rank", rank),
+                            ("summary_path", summary_path)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to a summary named by a string; "
+                                 f"{'no summary is set' if summary is None else 'set it on the summary object'}")
+        return summary
+    if not isinstance(summary, str):
+        raise ValueError(f"summary must be a name ({', '.join(SUMMARIES)}) or a Summary object, got {summary!r}")
+    name = canonical_summary(summary)
+    if _REGISTRY[name] is None:  # "none": eviction, whatever the summary options say
+        return None
+    cls, options = _REGISTRY[name]
+    options = dict(options)
+    for field, value in (("state_budget", state_budget), ("cluster_by", cluster_by)):
+        if value is not None:
+            options[field] = value
+    if rank is not None:
+        if name != "taylor2_lowrank":
+            raise ValueError(f"rank applies to summary taylor2_lowrank, not {name!r}")
+        options["rank"] = rank
+    if summary_path is not None:
+        if name != "learned":
+            raise ValueError(f"summary_path applies to summary learned, not {name!r}")
+        options["path"] = str(summary_path)
+    return cls(**options)
+
+
+__all__ = [
+    "DEFAULT_STATE_BUDGET", "SUMMARIES", "ClusterSummary", "Exact", "ExactState", "LayerPlan", "Learned",
+    "LearnedFeatures", "Linear", "LinearState", "Merge", "MergeVariance", "SeedTaylor", "Summarised", "Summary",
+    "SummaryState", "Taylor", "build_summary", "canonical_summary",
+]

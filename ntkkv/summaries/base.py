@@ -1,0 +1,140 @@
+"""The one interface of every summary of evicted tokens: `plan`, `summarise`, and the state's `fold`.
+
+A summary is orthogonal to the selection policy. Memory is the rule: a layer's budget
+(`max_capacity_prompt`) is its whole memory per KV head in token equivalents (one token = one key
++ one value = 2·head_dim numbers), and the summary is paid out of it. `plan(memory, head_dim)`
+says how many tokens stay exact and how many clusters the evicted rest gets; `summarise` turns
+the evicted tokens of one layer into merged slots (held in the cache like tokens) and/or a state
+(read through the log-sum-exp merge); the state's `fold` adds tokens later (the ratchet).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import torch
+
+from .clusters import CLUSTER_BY, assign_clusters
+
+DEFAULT_STATE_BUDGET = 0.125
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer spends its memory per KV head (token equivalents).
+
+    memory: the layer's budget; exact: tokens kept exactly; clusters: summaries of evicted
+    tokens; summary_tokens: their memory. exact + ceil(summary_tokens) <= memory.
+    """
+
+    memory: int
+    exact: int
+    clusters: int = 0
+    summary_tokens: float = 0.0
+
+
+@dataclass
+class Summarised:
+    """What a summary makes of one layer's evicted tokens: merged slots that the cache holds like
+    tokens (keys, values and bias, or None) and/or a state read through the log-sum-exp merge."""
+
+    slot_keys: torch.Tensor | None = None
+    slot_values: torch.Tensor | None = None
+    slot_bias: torch.Tensor | None = None
+    state: SummaryState | None = None
+
+
+class SummaryState(Protocol):
+    """Per sample and KV head, what evicted tokens contribute to attention. Read with queries it
+    returns the log of their total weight and their weighted mean value."""
+
+    def fold(self, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add tokens: keys/values (batch, kv_heads, n, d), weights (batch, kv_heads, n) (0 = not added)."""
+
+    def read(self, queries: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries (batch, kv_heads, m, d) -> log_mass (batch, kv_heads, m), mean_value (batch, kv_heads, m, d)."""
+
+    def size_in_tokens(self) -> float:
+        """Memory per KV head in token equivalents."""
+
+
+class Summary:
+    """Base of every summary. `merges_slots`: its output is merged slots, which the ratchet folds
+    new tokens into (the others fold into their state)."""
+
+    name: ClassVar[str] = ""
+    merges_slots: ClassVar[bool] = False
+
+    def plan(self, memory: int, head_dim: int, min_exact: int = 1) -> LayerPlan:
+        raise NotImplementedError
+
+    def check_model(self, num_layers: int, kv_heads: int, head_dim: int) -> None:
+        """Raise if this summary cannot serve a model of this shape."""
+
+    def summarise(self, keys, values, evicted, plan: LayerPlan, layer_idx: int, window_queries=None,
+                  scaling=None) -> Summarised:
+        """Summarise the evicted tokens (evicted: (batch, kv_heads, n) bool) of one layer. The
+        observation window's queries (batch, kv_heads, group·window, d) come along for the
+        summaries that fit to them."""
+        raise NotImplementedError
+
+
+@dataclass
+class ClusterSummary(Summary):
+    """Base of the summaries of clusters of evicted tokens: the plan, and the clustering before
+    `summarise_clusters`.
+
+    state_budget: the share of each layer's memory the summary may use: a fraction (< 1) or a
+        number of token equivalents (≥ 1); the rest stays exact tokens.
+    cluster_by: "kmeans" (by key similarity) or "position" (contiguous runs).
+    """
+
+    state_budget: float = DEFAULT_STATE_BUDGET
+    cluster_by: str = "kmeans"
+
+    max_clusters: ClassVar[int | None] = None
+
+    def __post_init__(self):
+        if not isinstance(self.state_budget, (int, float)) or isinstance(self.state_budget, bool) \
+                or not self.state_budget > 0:
+            raise ValueError(f"state_budget must be a fraction in (0, 1) or a number of tokens ≥ 1, "
+                             f"got {self.state_budget!r}")
+        if self.cluster_by not in CLUSTER_BY:
+            raise ValueError(f"unknown cluster_by {self.cluster_by!r}; choose one of: {', '.join(CLUSTER_BY)}")
+
+    def cluster_cost(self, head_dim: int) -> float:
+        """Token equivalents of one cluster's summary."""
+        raise NotImplementedError
+
+    def fixed_cost(self, head_dim: int) -> float:
+        return 0.0
+
+    def plan(self, memory: int, head_dim: int, min_exact: int = 1) -> LayerPlan:
+        """As many clusters as the state budget holds, leaving at least `min_exact` exact tokens.
+        A layer whose share holds no cluster (PyramidKV's top layers) evicts plainly."""
+        reserved = self.state_budget * memory if self.state_budget < 1 else float(self.state_budget)
+        reserved = min(reserved, memory - min_exact)
+        cost, fixed = self.cluster_cost(head_dim), self.fixed_cost(head_dim)
+        clusters = max(math.floor((reserved - fixed) / cost + 1e-9), 0)
+        if self.max_clusters is not None:
+            clusters = min(clusters, self.max_clusters)
+        if clusters == 0:
+            return LayerPlan(memory, memory)
+        used = fixed + clusters * cost
+        return LayerPlan(memory, memory - math.ceil(used - 1e-9), clusters, used)
+
+    def summarise(self, keys, values, evicted, plan, layer_idx, window_queries=None, scaling=None) -> Summarised:
+        if plan.clusters == 0:
+            return Summarised()
+        assignment = self.assign(keys, evicted, plan.clusters)
+        return self.summarise_clusters(keys, values, assignment, plan.clusters, layer_idx, window_queries, scaling)
+
+    def assign(self, keys, evicted, clusters: int) -> torch.Tensor:
+        """Cluster index (batch, kv_heads, n) of each evicted token, -1 for the others."""
+        return assign_clusters(keys, evicted, clusters, self.cluster_by)
+
+    def summarise_clusters(self, keys, values, assignment, clusters: int, layer_idx: int, window_queries,
+                           scaling) -> Summarised:
+        raise NotImplementedError

@@ -1,0 +1,138 @@
+"""A state per cluster of evicted tokens, read through a feature map around the cluster's mean key.
+
+For higher orders than a merged slot, exp(s·q·δ) (δ = k − μ, x = s·q) is written as
+φ_num(x)·φ_num(δ) and φ_den(x)·φ_den(δ) for a feature map: the Taylor expansion
+(`ntkkv.summaries.taylor.TaylorFeatures`) or the learned map (`ntkkv.summaries.learned`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .clusters import nearest_cluster, one_hot_assignment
+
+
+class ClusterState:
+    """Per cluster: mean key μ, an optional projection P (d × rank), z = Σ φ_den(δ) and S = Σ φ_num(δ) vᵀ.
+
+    Read with a query q: mass_c = exp(s·q·μ_c) · φ_den(s·q)·z_c, value_c = φ_num(s·q)·S_c / (φ_den·z_c),
+    combined over clusters. With `centred=False` μ = 0 (the seed prototype); with `clamp`, the
+    normaliser is floored and each value is clipped to the range of the values folded in.
+    """
+
+    def __init__(self, features, layer_idx: int = 0, centred: bool = True, rank: int | None = None,
+                 clamp: bool = False):
+        self.features, self.layer_idx = features, layer_idx
+        self.centred, self.rank, self.clamp = centred, rank, clamp
+        self.means = self.projection = self.counts = self.normaliser = self.numerator = None
+        self.value_min = self.value_max = None
+
+    # -- building (differentiable: the learned kernel trains through it) ----------------------
+    def build(self, keys, values, assignment, num_clusters: int) -> ClusterState:
+        """Summarise the tokens of each cluster (assignment -1: not part of the state)."""
+        batch, kv_heads, _, head_dim = keys.shape
+        keys, values = keys.float(), values.float()
+        one_hot = one_hot_assignment(assignment, num_clusters)
+        self.counts = one_hot.sum(dim=-1)
+        if self.centred:
+            self.means = (one_hot @ keys) / self.counts.clamp_min(1)[..., None]
+        else:
+            self.means = keys.new_zeros(batch, kv_heads, num_clusters, head_dim)
+        numerator_size, normaliser_size = self.features.sizes(self.rank or head_dim)
+        self.numerator = keys.new_zeros(batch, kv_heads, num_clusters, numerator_size, head_dim)
+        self.normaliser = keys.new_zeros(batch, kv_heads, num_clusters, normaliser_size)
+        if self.rank:
+            self.projection = keys.new_zeros(batch, kv_heads, num_clusters, head_dim, self.rank)
+        for cluster in range(num_clusters):
+            weight = one_hot[:, :, cluster, :, None]  # (batch, kv_heads, n, 1)
+            deltas = keys - self.means[:, :, cluster, None, :]
+            if self.rank:
+                self.projection[:, :, cluster] = principal_directions(deltas * weight.sqrt(), self.rank)
+            self._accumulate(cluster, deltas, values, weight)
+        if self.clamp:
+            present = (assignment >= 0)[..., None]
+            # with nothing folded yet the range is [0, 0]; the first decode token replaces it
+            self.value_min = torch.nan_to_num(values.masked_fill(~present, math.inf).amin(dim=-2), posinf=0.0)
+            self.value_max = torch.nan_to_num(values.masked_fill(~present, -math.inf).amax(dim=-2), neginf=0.0)
+        return self
+
+    def _accumulate(self, cluster: int, deltas, values, weight) -> None:
+        if self.rank:
+            deltas = deltas @ self.projection[:, :, cluster]
+        numerator_features, normaliser_features, _ = self.features(deltas, self.layer_idx, "key")
+        self.normaliser[:, :, cluster] += (normaliser_features * weight).sum(dim=-2)
+        self.numerator[:, :, cluster] += (numerator_features * weight).transpose(-1, -2) @ values
+
+    def fold(self, keys, values, weights=None) -> None:
+        """Add decode tokens (the ratchet): each joins its nearest cluster, around that cluster's μ."""
+        keys, values = keys.float(), values.float()
+        for token in range(keys.shape[-2]):
+            key, value = keys[:, :, token : token + 1], values[:, :, token : token + 1]
+            if self.centred:
+                target = nearest_cluster(self.means, self.counts, key)[..., 0]  # (batch, kv_heads)
+                starts = self.counts.gather(-1, target[..., None])[..., 0] == 0
+                index = target[..., None, None].expand(-1, -1, 1, key.shape[-1])
+                # a token starting an empty cluster is its centre (its projection stays 0: δ = 0 anyway)
+                self.means.scatter_(2, index, torch.where(starts[..., None, None], key, self.means.gather(2, index)))
+            else:
+                target = torch.zeros(key.shape[:2], dtype=torch.long, device=key.device)
+            for cluster in range(self.counts.shape[-1]):
+                weight = (target == cluster).float()[:, :, None, None]
+                if bool(weight.any()):
+                    self._accumulate(cluster, key - self.means[:, :, cluster, None, :], value, weight)
+            if self.clamp:
+                first = (self.counts.sum(dim=-1) == 0)[..., None]
+                self.value_min = torch.where(first, value[:, :, 0], torch.minimum(self.value_min, value[:, :, 0]))
+                self.value_max = torch.where(first, value[:, :, 0], torch.maximum(self.value_max, value[:, :, 0]))
+            self.counts.scatter_add_(-1, target[..., None], torch.ones_like(self.counts[..., :1]))
+
+    # -- reading ------------------------------------------------------------------------------
+    def read(self, queries, scaling: float):
+        """queries (batch, kv_heads, m, d) -> log_mass (batch, kv_heads, m), mean_value (..., m, d)."""
+        x = queries.float() * scaling
+        logits = x @ self.means.transpose(-1, -2)  # (batch, kv_heads, m, clusters)
+        if self.rank:
+            projected = torch.einsum("bhmd,bhcdr->bhmcr", x, self.projection)
+        else:
+            projected = x[:, :, :, None, :].expand(-1, -1, -1, self.counts.shape[-1], -1)
+        numerator_features, normaliser_features, log_scale = self.features(projected, self.layer_idx, "query")
+        normaliser = (normaliser_features * self.normaliser[:, :, None]).sum(dim=-1)
+        numerator = torch.einsum("bhmcf,bhcfd->bhmcd", numerator_features, self.numerator)
+        if self.clamp:
+            normaliser = normaliser.clamp_min(1e-6)
+        normaliser = torch.where(self.counts[:, :, None] > 0, normaliser, torch.zeros_like(normaliser))
+        cluster_mass = logits + normaliser.log() + log_scale  # -inf for an empty cluster
+        cluster_value = torch.nan_to_num(numerator / normaliser[..., None])
+        if self.clamp:
+            cluster_value = torch.maximum(torch.minimum(cluster_value, self.value_max[:, :, None, None]),
+                                          self.value_min[:, :, None, None])
+        log_mass = cluster_mass.logsumexp(dim=-1)
+        share = torch.nan_to_num(cluster_mass.softmax(dim=-1))
+        return log_mass, (share[..., None] * cluster_value).sum(dim=-2)
+
+    def size_in_tokens(self) -> float:
+        if self.counts is None:
+            return 0.0
+        head_dim = self.means.shape[-1]
+        return cluster_state_size(self.features, head_dim, self.counts.shape[-1], self.centred, self.rank, self.clamp)
+
+
+
+def cluster_state_size(features, head_dim: int, num_clusters: int, centred: bool = True, rank: int | None = None,
+                       clamp: bool = False) -> float:
+    """Token equivalents (a token = 2·head_dim numbers) of a `ClusterState`: per cluster μ, P,
+    the size n, z and S; with clamp, the value range."""
+    numerator_size, normaliser_size = features.sizes(rank or head_dim)
+    per_cluster = ((head_dim if centred else 0) + head_dim * (rank or 0) + 1 + normaliser_size
+                   + numerator_size * head_dim)
+    total = num_clusters * per_cluster + (2 * head_dim if clamp else 0)
+    return total / (2 * head_dim)
+
+
+def principal_directions(deltas, rank: int) -> torch.Tensor:
+    """(batch, kv_heads, n, d) -> (batch, kv_heads, d, rank): the top eigenvectors of Σ δδᵀ."""
+    covariance = deltas.transpose(-1, -2) @ deltas
+    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
+    return vectors[..., -rank:].flip(-1)
