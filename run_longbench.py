@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ntkkv.eval import longbench
+from ntkkv.eval.batching import batch_size_setting
 from ntkkv.eval.jsonl import BAD_LINE_POLICIES, read_jsonl
 from ntkkv.eval.longbench_run import (
     GenerationSettings,
@@ -31,10 +32,10 @@ from ntkkv.eval.options import (
     add_compression_arguments,
     check_run,
     compression_options,
-    positive_int,
     run_label,
     true_or_false,
 )
+from ntkkv.generation import DECODE_MODES
 from ntkkv.models import load_config, load_model
 from ntkkv.policies import METHODS
 
@@ -64,12 +65,23 @@ def parse_args(argv=None):
     parser.add_argument("--max_length", type=int,
                         help="longest prompt in tokens, chat template included (default: context minus new tokens)")
     parser.add_argument("--no_chat_template", action="store_true", help="feed raw prompts to every task")
-    parser.add_argument("--eval_batch_size", type=positive_int, default=1)
+    parser.add_argument("--eval_batch_size", type=batch_size_argument, default=1,
+                        help="samples per batch, or auto: the most that fit the GPU's memory, longest prompts first")
     parser.add_argument("--use_cache", type=true_or_false, default=True)
+    parser.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                        help="auto: the static cache with CUDA-graph decode on a GPU (dynamic on the CPU); static; "
+                             "dynamic: model.generate over the compressed cache (the reference)")
     add_compression_arguments(parser)
     parser.add_argument("--on_bad_line", default="stop", choices=BAD_LINE_POLICIES,
                         help="what a malformed JSON line in a data or prediction file does")
     return parser.parse_args(argv)
+
+
+def batch_size_argument(text):
+    try:
+        return batch_size_setting(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def set_seed(seed):
@@ -115,11 +127,11 @@ def main(argv=None):
             method=args.method, max_capacity_prompts=args.max_capacity_prompts,
             max_capacity_prompts_ratio=args.max_capacity_prompts_ratio, eval_batch_size=args.eval_batch_size,
             max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-            chat_template=not args.no_chat_template, use_cache=args.use_cache,
+            chat_template=not args.no_chat_template, use_cache=args.use_cache, decode=args.decode,
             compress_kwargs=compression_options(args),
         )
         ratio = settings.budget_options().get("max_capacity_prompt_ratio")  # refuses neither budget flag set
-        if ratio is not None and args.eval_batch_size > 1 and compression_options(args).get("summary"):
+        if ratio is not None and args.eval_batch_size != 1 and compression_options(args).get("summary"):
             raise ValueError("--max_capacity_prompts_ratio with a --summary needs --eval_batch_size 1 (each sample "
                              "of a batch gets its own budget, and the summary's clusters must agree)")
         # every setting is checked, then against the model's config, before the data and the weights load

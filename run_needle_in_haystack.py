@@ -12,6 +12,7 @@ import sys
 
 from ntkkv.eval import needle
 from ntkkv.eval.options import add_budget_argument, add_compression_arguments, check_run, compression_options
+from ntkkv.generation import DECODE_MODES
 from ntkkv.models import ATTN_IMPLEMENTATIONS, load_config, load_model
 from ntkkv.policies import METHODS
 
@@ -46,7 +47,11 @@ def parse_args(argv=None):
                             help="this many depths evenly from 0 to 100 percent (the seed's default 10)")
     depth_grid.add_argument("--depths", type=float, nargs="+", default=None, help="explicit depths in percent")
     parser.add_argument("--save_dir", default="results_needle")
-    parser.add_argument("--eval_batch_size", type=int, default=1)
+    parser.add_argument("--eval_batch_size", default=1,
+                        help="cells per batch, or auto: the most that fit the GPU's memory, longest contexts first")
+    parser.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                        help="auto: the static cache with CUDA-graph decode on a GPU (dynamic on the CPU); static; "
+                             "dynamic: model.generate over the compressed cache (the reference)")
     parser.add_argument("--question_outside", action="store_true",
                         help="compress only the context (kvpress's question-agnostic setting): prefill and compress "
                              "the prompt up to the end of the book (the haystack and its closing tag), then read the "
@@ -83,7 +88,7 @@ def main(argv=None):
             lengths, depths, method=method, max_capacity_prompt=budget, model_name=args.model_name,
             model_version=args.model_version, save_dir=args.save_dir, needle=args.needle,
             retrieval_question=args.retrieval_question, key_facts=key_facts, eval_batch_size=args.eval_batch_size,
-            compress_kwargs=compression_options(args), question_outside=args.question_outside,
+            compress_kwargs=compression_options(args), question_outside=args.question_outside, decode=args.decode,
         )
         for method, budget in combos
     ]

@@ -1,17 +1,22 @@
-"""Speed and memory of each method on a Llama-3-8B-shaped model with random weights.
+"""Decode speed, throughput and memory of each method on a Llama-3-8B-shaped model with random weights.
 
-    python benchmarks/bench_speed.py --out docs/bench_speed.md                 # GPU: 8k and 32k prompts
-    python benchmarks/bench_speed.py --lengths 8192,32768,65536 --repeats 5 --out docs/bench_speed.md
-    python benchmarks/bench_speed.py --device cpu --tiny                        # smoke test, seconds
+    python benchmarks/bench_speed.py --out docs/results/DATE-speed-h200.md        # the GPU table (minutes)
+    python benchmarks/bench_speed.py --lengths 8192 --batches 1,8 --methods fullkv,snapkv --steps 16
+    python benchmarks/bench_speed.py --device cpu --tiny                              # smoke test, seconds
 
-For each prompt length and method (FullKV and each compressing method at --budget), after one
-warm-up run per cell, the median over --repeats of:
-  prefill      one forward pass over the prompt into a fresh DynamicCache (logits of the last token only);
-  decode       ms per token over --decode-steps greedy steps, one token per forward pass,
-               positions taken from the cache's length;
-  peak memory  the most memory allocated during prefill + decode, above what the weights take;
-  KV/layer     K/V entries each layer held after the prefill (mean over layers; min-max if they differ).
-A cell that runs out of GPU memory reads "OOM" and the benchmark goes on.
+For each prompt length, each method runs one real prefill of one prompt (timed: median of
+--prefill-repeats); its compressed cache is then copied to each batch size (the decode cost depends on
+the cache's size, not on what it holds), and decode is timed there:
+  static     ms per token of the static path: the captured decode step replayed (CUDA graph),
+             --steps steps, median of --repeats; tokens/s = batch / (ms per token);
+  dynamic    the same steps through model.forward over the compressed cache, one token at a time (the
+             path before the static cache), at the batches given by --dynamic-batches;
+  peak       the most memory allocated above the weights while the static cache decodes.
+`--largest` finds, per method given there, the largest batch whose static cache and decode fit at the
+longest prompt (from the bytes a sample takes, backing off on out-of-memory) and times it there.
+`--anchor P:B,...` times transformers' own generate with its static cache (cache_implementation=
+"static", which compiles the decode step), full KV, on P-token prompts at batch B: (t(N) - t(1)) /
+(N - 1) for N = --steps + 1 new tokens, after a compiling call.
 """
 
 from __future__ import annotations
@@ -21,87 +26,89 @@ import gc
 import statistics
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import ntkkv
-from ntkkv.generation import cache_argument_name
-from ntkkv.policies import canonical_name
+from ntkkv.cache import CompressedCache, StaticCache
+from ntkkv.generation import StaticDecoder, _prefill, cache_argument_name
+from ntkkv.models import resolve_dtype
+from ntkkv.summaries import Learned, LearnedFeatures
 
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    intermediate_size=14336,
-    vocab_size=128256,
-    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-    max_position_embeddings=131072,
-)
-# same shape family, small enough for a CPU smoke test
-TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=512,
-    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-    max_position_embeddings=4096,
-)
+LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                 intermediate_size=14336, vocab_size=128256,
+                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, max_position_embeddings=131072)
+TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+            vocab_size=512, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            max_position_embeddings=4096)
 GIB = 1024**3
+# label -> (method, compress options); the learned map is made for the model's shape at run time
+CONFIGURATIONS = {
+    "fullkv": ("fullkv", {}),
+    "streamingllm": ("streamingllm", {}),
+    "snapkv": ("snapkv", {}),
+    "pyramidkv": ("pyramidkv", {}),
+    "snapkv+merge": ("snapkv", {"summary": "merge", "state_budget": 0.125}),
+    "snapkv+learned": ("snapkv", {"summary": "learned", "state_budget": 0.125}),
+}
 
 
 @dataclass
-class Cell:
-    """Medians over the repeats of one (prompt length, method); `error` set when it failed."""
-
+class Row:
     length: int
-    method: str
+    label: str
+    batch: int
     prefill_s: float | None = None
-    decode_ms: float | None = None
+    static_ms: float | None = None
+    dynamic_ms: float | None = None
     peak_gib: float | None = None
-    kv_per_layer: list[int] | None = None
-    error: str | None = None
+    slots: int | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default=None,
-                        help="prompt lengths, comma-separated (default 8192,32768; tiny: 256,512)")
-    parser.add_argument("--methods", default=",".join(ntkkv.METHODS), help="methods, comma-separated (default: all)")
-    parser.add_argument("--budget", type=int, default=None, help="max_capacity_prompt (default 1024; tiny: 64)")
-    parser.add_argument("--decode-steps", type=int, default=None, help="greedy decode steps (default 64; tiny: 8)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="measured runs per cell, median taken (default 3; tiny: 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs per cell first (default 1)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--lengths", default=None, help="prompt lengths (default 8192,32768,131072; tiny: 256,512)")
+    parser.add_argument("--methods", default=",".join(CONFIGURATIONS), help=f"of {', '.join(CONFIGURATIONS)}")
+    parser.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,32; tiny: 1,2)")
+    parser.add_argument("--long-batches", default="1", help="batch sizes at prompts over 64k tokens (default 1)")
+    parser.add_argument("--long-methods", default="fullkv,snapkv", help="methods at prompts over 64k tokens")
+    parser.add_argument("--dynamic-batches", default="1,8", help="batches that also time the dynamic path")
+    parser.add_argument("--largest", default="fullkv,snapkv", help="methods whose largest batch is found ('' none)")
+    parser.add_argument("--anchor", default="", help="transformers' static cache + compile: PROMPT:BATCH,...")
+    parser.add_argument("--budget", type=int, default=None, help="max_capacity_prompt (default 1024; tiny 64)")
+    parser.add_argument("--steps", type=int, default=None, help="decode steps timed (default 64; tiny 8)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed decode runs, median taken (default 3)")
+    parser.add_argument("--prefill-repeats", type=int, default=1, help="timed prefills, median taken (default 1)")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
-    parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float16 | float32 (default on CPU)")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) | float16 | float32 (default CPU)")
     parser.add_argument("--tiny", action="store_true", help="a 4-layer toy model of the same family (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown tables here too")
     args = parser.parse_args(argv)
-
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device} but CUDA is not available; use --device cpu --tiny")
-    on_cuda = args.device.type == "cuda"
-    args.lengths = [int(n) for n in (args.lengths or ("256,512" if args.tiny else "8192,32768")).split(",")]
-    args.methods = [canonical_name(m.strip()) for m in args.methods.split(",") if m.strip()]
+    numbers = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    args.lengths = numbers(args.lengths or ("256,512" if args.tiny else "8192,32768,131072"))
+    args.batches = numbers(args.batches or ("1,2" if args.tiny else "1,8,32"))
+    args.long_batches, args.dynamic_batches = numbers(args.long_batches), numbers(args.dynamic_batches)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.long_methods = [m.strip() for m in args.long_methods.split(",") if m.strip()]
+    args.largest = [m.strip() for m in args.largest.split(",") if m.strip()]
+    unknown = sorted(set(args.methods + args.long_methods + args.largest) - set(CONFIGURATIONS))
+    if unknown:
+        parser.error(f"unknown method {', '.join(unknown)}; choose from: {', '.join(CONFIGURATIONS)}")
+    args.anchor = [tuple(int(x) for x in pair.split(":")) for pair in args.anchor.split(",") if pair.strip()]
     args.budget = args.budget or (64 if args.tiny else 1024)
-    args.decode_steps = args.decode_steps or (8 if args.tiny else 64)
-    args.repeats = args.repeats or (2 if args.tiny else 3)
-    from ntkkv.models import resolve_dtype
-
-    args.dtype = resolve_dtype(args.dtype or ("bfloat16" if on_cuda else "float32"))
-    if args.dtype == "auto":
-        parser.error("--dtype auto has no meaning for random weights; choose bfloat16, float16 or float32")
+    args.steps = args.steps or (8 if args.tiny else 64)
+    args.repeats = args.repeats or 3
+    args.dtype = resolve_dtype(args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
     return args
 
 
@@ -116,80 +123,213 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int)
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = 0
     return model.eval()
 
 
-class Clock:
-    """Wall time of GPU work through CUDA events, or perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    @contextmanager
-    def measure(self, into: list):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            yield
-            end.record()
-            torch.cuda.synchronize()
-            into.append(start.elapsed_time(end) / 1000)
-        else:
-            start = time.perf_counter()
-            yield
-            into.append(time.perf_counter() - start)
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def run_once(model, prompt, decode_steps: int, clock: Clock, cache_argument: str) -> dict:
-    """One prefill + greedy decode in a fresh cache: seconds, ms/token, peak bytes above the start."""
-    on_cuda = prompt.device.type == "cuda"
-    if on_cuda:
-        torch.cuda.synchronize()
-        resident = torch.cuda.memory_allocated(prompt.device)
-        torch.cuda.reset_peak_memory_stats(prompt.device)
-    cache = DynamicCache(config=model.config)
-    prefill_s, decode_s = [], []
-    with clock.measure(prefill_s):
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{cache_argument: cache})
-    returned = getattr(out, cache_argument, None)
-    cache = cache if returned is None else returned
-    kv_per_layer = ntkkv.kv_lengths(cache)
-    token = out.logits[:, -1:].argmax(dim=-1)
-    del out
-    with clock.measure(decode_s):
-        for _ in range(decode_steps):
-            # no position_ids: the model places the token at cache.get_seq_length()
-            out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{cache_argument: cache})
-            token = out.logits[:, -1:].argmax(dim=-1)
-    peak = torch.cuda.max_memory_allocated(prompt.device) - resident if on_cuda else None
-    return {"prefill_s": prefill_s[0], "decode_ms": 1000 * decode_s[0] / max(decode_steps, 1), "peak": peak,
-            "kv_per_layer": kv_per_layer}
+def timed(device, function) -> float:
+    """Seconds of `function()` (CUDA events on the GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        synchronize(device)
+        start.record()
+        function()
+        end.record()
+        synchronize(device)
+        return start.elapsed_time(end) / 1000
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
 
 
-def measure_cell(model, prompt, method: str, args, clock: Clock, cache_argument: str) -> Cell:
-    cell = Cell(prompt.shape[1], method)
+def compress_options(label, args, model):
+    method, options = CONFIGURATIONS[label]
+    options = dict(options)
+    if options.get("summary") == "learned":  # a map of the right shape, started at the merged slot
+        layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+        features = LearnedFeatures(layers, kv_heads, model.config.hidden_size // model.config.num_attention_heads, 2,
+                                   init="merge").requires_grad_(False)
+        options["summary"] = Learned(options.pop("state_budget"), features=features)
+    return method, ({} if method == "fullkv" else {"max_capacity_prompt": args.budget}), options
+
+
+def repeated(cache: CompressedCache, batch: int) -> CompressedCache:
+    """A copy of a one-sample prefilled cache holding `batch` samples (each layer's tensors repeated)."""
+    import copy
+
+    copied = copy.copy(cache)
+    copied.layers = []
+    for layer in cache.layers:
+        twin = copy.copy(layer)
+        twin.keys, twin.values = layer.keys.repeat(batch, 1, 1, 1), layer.values.repeat(batch, 1, 1, 1)
+        twin.bias = layer.bias.repeat(batch, 1, 1)
+        twin.prefill_tokens = layer.prefill_tokens * batch
+        if layer.state is not None:
+            twin.state = copy.copy(layer.state)
+            for name, value in vars(layer.state).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(twin.state, name, value.repeat(batch, *[1] * (value.dim() - 1)))
+        copied.layers.append(twin)
+    return copied
+
+
+def time_static(model, cache, batch, length, args) -> tuple[float, float | None, int]:
+    """(median ms per decode step, peak GiB above the weights, slots per layer) of the static path."""
+    device = args.device
+    weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    total_steps = 2 + args.repeats * args.steps
+    static = StaticCache.from_compressed([repeated(cache, batch)], room=total_steps + 1)
+    logits = torch.zeros(batch, model.config.vocab_size, device=device)
+    decoder = StaticDecoder(model, static, logits, torch.full((batch,), length, device=device), total_steps + 1, 0, [],
+                            0)
+
+    def steps(count):
+        for _ in range(count):
+            static.before_step()
+            decoder._run_step()
+            static.after_step()
+
+    steps(2)  # the eager step and the capture
+    runs = [1000 * timed(device, lambda: steps(args.steps)) / args.steps for _ in range(args.repeats)]
+    peak = (torch.cuda.max_memory_allocated(device) - weights) / GIB if device.type == "cuda" else None
+    slots = static.layers[0].capacity
+    decoder.graphs.clear()
+    release(device)
+    return statistics.median(runs), peak, slots
+
+
+def time_dynamic(model, cache, batch, args) -> float:
+    """Median ms per decode step of model.forward over a copy of the compressed cache (the dynamic path)."""
+    name = cache_argument_name(model)
     runs = []
-    try:
-        with ntkkv.compress(model, method=method, max_capacity_prompt=args.budget):
-            for index in range(args.warmup + args.repeats):
-                run = run_once(model, prompt, args.decode_steps, clock, cache_argument)
-                if index >= args.warmup:
-                    runs.append(run)
-    except torch.cuda.OutOfMemoryError:
-        cell.error = "OOM"
-    finally:
-        if prompt.device.type == "cuda":  # hand the failed or finished cell's memory back before the next
-            gc.collect()
-            torch.cuda.empty_cache()
-    if cell.error is None:
-        cell.prefill_s = statistics.median(run["prefill_s"] for run in runs)
-        cell.decode_ms = statistics.median(run["decode_ms"] for run in runs)
-        if runs[0]["peak"] is not None:
-            cell.peak_gib = statistics.median(run["peak"] for run in runs) / GIB
-        cell.kv_per_layer = runs[-1]["kv_per_layer"]
-    return cell
+    for _ in range(args.repeats):
+        dynamic = repeated(cache, batch)
+        token = torch.zeros(batch, 1, dtype=torch.long, device=args.device)
+        model(input_ids=token, use_cache=True, logits_to_keep=1, **{name: dynamic})  # warm-up step
+
+        def steps(dynamic=dynamic, token=token):
+            for _ in range(args.steps):
+                model(input_ids=token, use_cache=True, logits_to_keep=1, **{name: dynamic})
+        runs.append(1000 * timed(args.device, steps) / args.steps)
+        del dynamic
+    release(args.device)
+    return statistics.median(runs)
+
+
+def release(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sample_bytes(cache: CompressedCache, extra_slots: int) -> int:
+    """Bytes of one sample's static cache: every layer's K/V and bias at its capacity, and its state."""
+    total = 0
+    for layer in cache.layers:
+        slots = layer.keys.shape[-2] + extra_slots
+        total += 2 * slots * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
+        total += slots * layer.keys.shape[1] * 4
+        if layer.state is not None:
+            total += sum(value.numel() * value.element_size() for value in vars(layer.state).values()
+                         if isinstance(value, torch.Tensor))
+    return total
+
+
+def prefill_one(model, prompt, label, args):
+    """The compressed cache of one prompt under `label` and the median prefill seconds."""
+    method, budget, options = compress_options(label, args, model)
+    seconds, cache = [], None
+    from ntkkv.compressor import Compressor
+    from ntkkv.forward import patched
+
+    context = ntkkv.compress(model, method, **budget, **options) if method != "fullkv" \
+        else patched(model, Compressor(None))
+    with context:
+        for _ in range(args.prefill_repeats):
+            cache = CompressedCache(config=model.config)
+            mask = torch.ones_like(prompt)
+            seconds.append(timed(args.device, lambda c=cache: _prefill(model, prompt, mask, c)))
+    return cache, statistics.median(seconds), (method, budget, options)
+
+
+def decode_rows(model, prompt, label, batches, args, rows, with_dynamic):
+    """Prefill once, then time the static (and dynamic) decode at each batch size."""
+    length = prompt.shape[1]
+    cache, prefill_s, (method, budget, options) = prefill_one(model, prompt, label, args)
+    context = ntkkv.compress(model, method, **budget, **options) if method != "fullkv" else None
+    from ntkkv.compressor import Compressor
+    from ntkkv.forward import patched
+
+    with context or patched(model, Compressor(None)):
+        for batch in batches:
+            row = Row(length, label, batch, prefill_s)
+            try:
+                row.static_ms, row.peak_gib, row.slots = time_static(model, cache, batch, length, args)
+                if with_dynamic and batch in args.dynamic_batches:
+                    row.dynamic_ms = time_dynamic(model, cache, batch, args)
+            except torch.cuda.OutOfMemoryError:
+                row.note = "OOM"
+                release(args.device)
+            rows.append(row)
+            print(f"[{length:>7,}] {label:<15} batch {batch:>4}: static {row.static_ms} ms, dynamic "
+                  f"{row.dynamic_ms} ms, peak {row.peak_gib} GiB {row.note}", file=sys.stderr, flush=True)
+    return cache, (method, budget, options)
+
+
+def largest_batch(model, prompt, label, args, rows):
+    """The most samples whose static cache fits beside the weights, and their decode speed."""
+    length = prompt.shape[1]
+    cache, prefill_s, (method, budget, options) = prefill_one(model, prompt, label, args)
+    per_sample = sample_bytes(cache, 2 + args.repeats * args.steps + 2)
+    release(args.device)
+    free, _ = torch.cuda.mem_get_info(args.device) if args.device.type == "cuda" else (2 * GIB, None)
+    batch = max(1, min(4096, int(0.92 * free / per_sample)))
+    from ntkkv.compressor import Compressor
+    from ntkkv.forward import patched
+
+    context = ntkkv.compress(model, method, **budget, **options) if method != "fullkv" \
+        else patched(model, Compressor(None))
+    with context:
+        while batch >= 1:
+            row = Row(length, label, batch, prefill_s, note="largest batch")
+            try:
+                row.static_ms, row.peak_gib, row.slots = time_static(model, cache, batch, length, args)
+                rows.append(row)
+                print(f"[{length:>7,}] {label:<15} largest batch {batch}: {row.static_ms:.2f} ms", file=sys.stderr,
+                      flush=True)
+                return
+            except torch.cuda.OutOfMemoryError:
+                release(args.device)
+                batch = int(batch * 0.85)
+
+
+def anchor_rows(model, args, rows):
+    """transformers' generate with its static cache (compiled decode), full KV."""
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    for length, batch in args.anchor:
+        prompt = torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(args.device)
+        steps = args.steps + 1
+        options = dict(do_sample=False, cache_implementation="static", pad_token_id=0, eos_token_id=None)
+        try:
+            model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, **options)  # compiles
+            one = statistics.median(timed(args.device, lambda: model.generate(prompt, max_new_tokens=1, **options))
+                                    for _ in range(args.repeats))
+            full = statistics.median(timed(args.device, lambda: model.generate(
+                prompt, max_new_tokens=steps, min_new_tokens=steps, **options)) for _ in range(args.repeats))
+            row = Row(length, "transformers static+compile", batch, static_ms=1000 * (full - one) / (steps - 1))
+        except Exception as error:  # the anchor is a reference: a failure is reported, not fatal
+            row = Row(length, "transformers static+compile", batch, note=f"failed: {type(error).__name__}: "
+                                                                        f"{str(error).splitlines()[0][:80]}")
+        rows.append(row)
+        print(f"[{length:>7,}] anchor batch {batch}: {row.static_ms} ms {row.note}", file=sys.stderr, flush=True)
+        release(args.device)
 
 
 def device_name(device: torch.device) -> str:
@@ -200,67 +340,57 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def markdown_table(cells: list[Cell], args, model, weights_gib: float | None) -> str:
+def markdown(rows: list[Row], args, model, weights_gib) -> str:
     config = model.config
     shape = "toy Llama (smoke test)" if args.tiny else "Llama-3-8B-shaped"
-    lines = [
-        f"**{device_name(args.device)}** — {shape} model with random weights "
-        f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads / "
-        f"{config.num_key_value_heads} KV heads, vocab {config.vocab_size}), {str(args.dtype).removeprefix('torch.')}, "
-        f"sdpa, batch {args.batch_size}; budget {args.budget} (max_capacity_prompt); "
-        f"median of {args.repeats} after {args.warmup} warm-up; decode over {args.decode_steps} greedy steps; "
-        f"torch {torch.__version__}, transformers {transformers.__version__}"
-        + (f"; weights {weights_gib:.2f} GiB" if weights_gib is not None else "")
-        + ".",
-        "",
-        "| prompt | method | prefill (s) | vs FullKV | decode (ms/token) | vs FullKV | peak above weights (GiB) "
-        "| KV/layer after prefill |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    baseline = {cell.length: cell for cell in cells if cell.method == "fullkv" and cell.error is None}
-    for cell in cells:
-        if cell.error is not None:
-            lines.append(f"| {cell.length:,} | {cell.method} | {cell.error} | | {cell.error} | | {cell.error} | |")
-            continue
-        full = baseline.get(cell.length)
-        prefill_vs = _relative(cell.prefill_s, full.prefill_s) if full and cell is not full else ""
-        decode_vs = _relative(cell.decode_ms, full.decode_ms) if full and cell is not full else ""
-        peak = f"{cell.peak_gib:.2f}" if cell.peak_gib is not None else "n/a"
-        lines.append(
-            f"| {cell.length:,} | {cell.method} | {cell.prefill_s:.3f} | {prefill_vs} | {cell.decode_ms:.2f} | "
-            f"{decode_vs} | {peak} | {_kv_summary(cell.kv_per_layer)} |"
-        )
+    head = (f"**{device_name(args.device)}**: {shape} model with random weights ({config.num_hidden_layers} layers, "
+            f"hidden {config.hidden_size}, {config.num_attention_heads} heads / {config.num_key_value_heads} KV heads, "
+            f"vocab {config.vocab_size}), {str(args.dtype).removeprefix('torch.')}, sdpa prefill; budget "
+            f"{args.budget}; decode timed over {args.steps} steps, median of {args.repeats}; "
+            f"torch {torch.__version__}, transformers {transformers.__version__}"
+            + (f"; weights {weights_gib:.2f} GiB" if weights_gib is not None else "") + ".")
+    lines = [head, "", "| prompt | method | batch | prefill (s, batch 1) | static decode (ms/token) | tokens/s | "
+             "vs FullKV | dynamic decode (ms/token) | static vs dynamic | peak above weights (GiB) | slots/layer | "
+             "note |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    full = {(row.length, row.batch): row for row in rows if row.label == "fullkv" and row.static_ms}
+
+    def number(value, form):
+        return "" if value is None else format(value, form)
+
+    for row in rows:
+        base = full.get((row.length, row.batch))
+        versus = f"{row.static_ms / base.static_ms:.2f}×" if base and row.static_ms and row is not base else ""
+        speedup = f"{row.dynamic_ms / row.static_ms:.1f}× faster" if row.static_ms and row.dynamic_ms else ""
+        tokens = row.batch * 1000 / row.static_ms if row.static_ms else None
+        lines.append(f"| {row.length:,} | {row.label} | {row.batch} | {number(row.prefill_s, '.3f')} | "
+                     f"{number(row.static_ms, '.2f')} | {number(tokens, ',.0f')} | {versus} | "
+                     f"{number(row.dynamic_ms, '.2f')} | {speedup} | {number(row.peak_gib, '.2f')} | "
+                     f"{number(row.slots, ',')} | {row.note} |")
     return "\n".join(lines) + "\n"
-
-
-def _relative(value: float, reference: float) -> str:
-    return f"{100 * (value / reference - 1):+.1f}%"
-
-
-def _kv_summary(per_layer: list[int]) -> str:
-    low, high, mean = min(per_layer), max(per_layer), sum(per_layer) / len(per_layer)
-    return f"{mean:,.0f}" if low == high else f"{mean:,.0f} ({low:,}–{high:,})"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     model = build_model(args.tiny, args.device, args.dtype, args.seed)
-    on_cuda = args.device.type == "cuda"
-    weights_gib = torch.cuda.memory_allocated(args.device) / GIB if on_cuda else None
-    cache_argument = cache_argument_name(model)
+    weights_gib = torch.cuda.memory_allocated(args.device) / GIB if args.device.type == "cuda" else None
     generator = torch.Generator().manual_seed(args.seed)
-
-    cells = []
-    for length in args.lengths:
-        prompt = torch.randint(0, model.config.vocab_size, (args.batch_size, length), generator=generator)
-        prompt = prompt.to(args.device)
-        for method in args.methods:
-            cell = measure_cell(model, prompt, method, args, Clock(args.device), cache_argument)
-            cells.append(cell)
-            status = cell.error or f"prefill {cell.prefill_s:.3f} s, decode {cell.decode_ms:.2f} ms/token"
-            print(f"[{length:>7,} tokens] {method:<12} {status}", file=sys.stderr, flush=True)
-
-    table = markdown_table(cells, args, model, weights_gib)
+    rows: list[Row] = []
+    with torch.inference_mode():
+        for length in args.lengths:
+            prompt = torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(args.device)
+            long = length > 65536
+            for label in (args.long_methods if long else args.methods):
+                decode_rows(model, prompt, label, args.long_batches if long else args.batches, args, rows,
+                            with_dynamic=not long)
+                release(args.device)
+        longest = torch.randint(0, model.config.vocab_size, (1, min(max(args.lengths), 32768)),
+                                generator=generator).to(args.device)
+        for label in args.largest:
+            largest_batch(model, longest, label, args, rows)
+            release(args.device)
+    if args.anchor:
+        anchor_rows(model, args, rows)
+    table = markdown(rows, args, model, weights_gib)
     print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ not the number kept, so RoPE positions continue from the full prompt.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -223,3 +224,154 @@ def kv_lengths(cache, per_sample: bool = False):
 def state_sizes(cache) -> list[float]:
     """Per layer, the memory per KV head (token equivalents) of merged slots and summary state."""
     return [layer.state_tokens() if isinstance(layer, CompressedLayer) else 0.0 for layer in cache.layers]
+
+
+# -- the static cache: fixed capacity for captured decode ---------------------------------------
+
+class StaticLayer:
+    """One layer's fixed-capacity buffers for decode, built from a prefilled `CompressedLayer`.
+
+    keys, values (batch, kv_heads, capacity, d) and bias (batch, kv_heads, capacity) float32 hold, in
+    order, the merged slots, the prefill's kept tokens (both padded to the batch's most with bias -inf)
+    and a region of `region` slots for new tokens, which start at bias -inf and are written in place
+    at `prefill_slots + count % region` (`count`: new tokens written so far, a device tensor shared by
+    the layers). With the ratchet the region is its window, a ring: once full, the token a write
+    replaces first folds into the summary state, or into the merged slots, or is dropped.
+    """
+
+    def __init__(self, keys, values, bias, state, merged_slots: int, prefill_slots: int, region: int,
+                 ratchet: bool, merges_slots: bool, planned_clusters: int):
+        self.keys, self.values, self.bias = keys, values, bias
+        self.state, self.merged_slots = state, merged_slots
+        self.prefill_slots, self.region = prefill_slots, region
+        self.ratchet, self.merges_slots, self.planned_clusters = ratchet, merges_slots, planned_clusters
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[-2]
+
+    def write(self, keys, values, count: torch.Tensor, folding: bool) -> torch.Tensor:
+        """Write one new token's keys and values (batch, kv_heads, 1, d) in place; `folding` (known on the
+        host): the ring is full and the slot written holds the oldest new token, which leaves first.
+        Returns the number of slots in use after the write (a device tensor)."""
+        index = (count % self.region + self.prefill_slots).view(1)
+        if folding:
+            oldest_keys, oldest_values = self.keys.index_select(2, index), self.values.index_select(2, index)
+            if self.state is not None:
+                self.state.fold(oldest_keys, oldest_values, oldest_keys.new_ones(oldest_keys.shape[:3]))
+            elif self.merges_slots and self.merged_slots:
+                merged = self.merged_slots
+                fold_into_merged_slots(self.keys[:, :, :merged], self.values[:, :, :merged],
+                                       self.bias[:, :, :merged], oldest_keys, oldest_values)
+        self.keys.index_copy_(2, index, keys.to(self.keys.dtype))
+        self.values.index_copy_(2, index, values.to(self.values.dtype))
+        self.bias.index_fill_(2, index, 0.0)
+        return self.prefill_slots + torch.clamp(count + 1, max=self.region)
+
+    def state_tokens(self) -> float:
+        return self.merged_slots + (self.state.size_in_tokens() if self.state is not None else 0.0)
+
+
+class StaticCache:
+    """The layers' `StaticLayer`s and the shared counters of a static decode.
+
+    count: new tokens written so far (a device tensor, advanced inside the decode step); written: the
+    same, known on the host (the driver advances it), which says when the ring is full and refuses
+    to run past the capacity. folding: whether the step being run folds (set by the driver).
+    """
+
+    def __init__(self, layers: list[StaticLayer], written: int, ratchet: int | None):
+        self.layers = layers
+        self.written = written
+        self.ratchet = ratchet
+        self.count = torch.tensor(written, dtype=torch.long, device=layers[0].keys.device)
+        self.folding = False
+
+    @property
+    def room(self) -> int:
+        """New tokens it can still take (None-like large with the ratchet: the ring never fills up)."""
+        return math.inf if self.ratchet is not None else min(layer.region for layer in self.layers) - self.written
+
+    def before_step(self) -> None:
+        """Host-side check and mode of the next step: refuse to overwrite, decide whether it folds."""
+        if self.room <= 0:
+            capacity = min(layer.region for layer in self.layers)
+            raise ValueError(f"the static cache has room for {capacity} new tokens per layer and all are written; "
+                             f"build it with more room (generate's max_new_tokens) or pass ratchet=W to fold old "
+                             f"tokens into the summary")
+        self.folding = self.ratchet is not None and self.written >= self.ratchet
+
+    def after_step(self) -> None:
+        self.written += 1
+
+    @classmethod
+    @torch.no_grad()
+    def from_compressed(cls, caches, room: int, ratchet: int | None = None,
+                        merges_slots: bool = False) -> StaticCache:
+        """The static cache of one or more prefilled caches (batches, stacked in order), with room for
+        `room` new tokens per layer, or a ring of `ratchet` slots. Each source layer is freed once copied."""
+        caches = list(caches)
+        num_layers = len(caches[0].layers)
+        appended = {layer.appended_slots() for cache in caches for layer in cache.layers}
+        if len(appended) != 1:
+            raise ValueError(f"the prefilled caches hold different numbers of tokens after the prompt: {appended}")
+        appended = appended.pop()
+        region = ratchet if ratchet is not None else appended + room
+        if ratchet is not None and appended > ratchet:
+            raise ValueError(f"{appended} tokens after the prompt do not fit the ratchet's window of {ratchet}")
+        layers = []
+        for index in range(num_layers):
+            sources = [cache.layers[index] for cache in caches]
+            planned = max(source.planned_clusters for source in sources)
+            merged = max(source.merged_slots for source in sources)
+            if ratchet is not None and merges_slots and merged == 0:
+                merged = planned  # the ratchet folds into merged slots: make them now, empty
+            kept = max(source.bias.shape[-1] - source.merged_slots for source in sources)
+            first = sources[0]
+            batch = sum(source.keys.shape[0] for source in sources)
+            kv_heads, head_dim = first.keys.shape[1], first.keys.shape[-1]
+            capacity = merged + kept + region
+            keys = first.keys.new_zeros(batch, kv_heads, capacity, head_dim)
+            values = torch.zeros_like(keys)
+            bias = first.keys.new_full((batch, kv_heads, capacity), -math.inf, dtype=torch.float32)
+            row = 0
+            for source in sources:
+                rows = slice(row, row + source.keys.shape[0])
+                m, stored = source.merged_slots, source.bias.shape[-1]
+                # merged slots from the front; kept tokens right-aligned before the region; appended at its start
+                kept_target = slice(merged + kept - (stored - m), merged + kept)
+                spans = [(slice(0, m), slice(0, m)), (slice(m, stored), kept_target),
+                         (slice(stored, stored + appended), slice(merged + kept, merged + kept + appended))]
+                for source_span, target_span in spans:
+                    keys[rows, :, target_span] = source.keys[:, :, source_span]
+                    values[rows, :, target_span] = source.values[:, :, source_span]
+                bias[rows, :, :m] = source.bias[:, :, :m]
+                bias[rows, :, kept_target] = source.bias[:, :, m:]
+                bias[rows, :, merged + kept: merged + kept + appended] = 0.0
+                row += source.keys.shape[0]
+            state = stack_states([source.state for source in sources])
+            layers.append(StaticLayer(keys, values, bias, state, merged, merged + kept, region, ratchet is not None,
+                                      merges_slots, planned))
+            for source in sources:  # the dynamic copy goes as soon as the static one exists
+                source.keys = source.values = source.bias = source.state = None
+        return cls(layers, appended, ratchet)
+
+
+def stack_states(states):
+    """One summary state for a batch made of several: every tensor attribute concatenated on the batch
+    dimension. None for layers without a state."""
+    if all(state is None for state in states):
+        return None
+    if any(state is None for state in states) or len({type(state) for state in states}) > 1:
+        raise ValueError("cannot stack the summary states of these batches: some layers have none or another kind")
+    if len(states) == 1:
+        return states[0]
+    stacked = copy.copy(states[0])
+    for name, value in vars(states[0]).items():
+        if isinstance(value, torch.Tensor):
+            parts = [getattr(state, name) for state in states]
+            if len({part.shape[1:] for part in parts}) > 1:
+                raise ValueError(f"cannot stack the summary states of these batches: their {name} differ in shape "
+                                 f"({[tuple(part.shape) for part in parts]})")
+            setattr(stacked, name, torch.cat(parts))
+    return stacked

@@ -8,6 +8,7 @@ cache layer's contents (merged slots first, then the kept tokens in prompt order
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from .plan import plan_layers
 from .policies import Policy, SelectionInputs
 from .summaries import LayerPlan, Summarised, Summary
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class CompressedKV:
@@ -57,16 +59,17 @@ def assemble(keys, values, kept, kept_bias, summarised: Summarised):
 
 @dataclass
 class Compressor:
-    """What the patched forward needs: the selection policy, optionally a summary of the evicted
-    tokens, and optionally the ratchet: the most generated tokens kept exact, older ones fold into
-    the summary (or are dropped without one)."""
+    """What the patched forward needs: the selection policy (None: keep every token, full KV through the
+    same path), optionally a summary of the evicted tokens, and optionally the ratchet: the most
+    generated tokens kept exact, older ones fold into the summary (or are dropped without one)."""
 
-    policy: Policy
+    policy: Policy | None
     summary: Summary | None = None
     ratchet: int | None = None
 
     def __post_init__(self):
         self._plans: dict = {}
+        self._warned = False
 
     def plans(self, num_layers: int, head_dim: int, prompt_length: int | None = None) -> list[LayerPlan]:
         """The layers' plans for a prompt of `prompt_length` tokens, worked out once per length class."""
@@ -86,15 +89,17 @@ class Compressor:
         False at left padding."""
         batch, kv_heads, n, head_dim = keys.shape
         bias = torch.zeros(batch, kv_heads, n, device=keys.device).masked_fill(~valid[:, None, :], -math.inf)
+        if self.policy is None:
+            return CompressedKV(keys, values, bias, None, 0, LayerPlan(n, n))
         grouped = queries.view(batch, kv_heads, -1, n, head_dim)
         inputs = SelectionInputs(grouped, keys, values, valid, scaling)
-        if self.policy.max_capacity_prompt_ratio is None:
+        if not self._per_sample(valid, layer_idx, num_layers, head_dim):
             plan = self.plans(num_layers, head_dim, n)[layer_idx]
             if n <= plan.exact:  # nothing to evict: the prompt stays whole (the summary may start a state)
                 nothing = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=keys.device)
                 summary = self._summarise(keys, values, nothing, plan, layer_idx)
                 return CompressedKV(keys, values, bias, summary.state, 0, plan)
-            kept = self.policy.for_exact(plan.exact).select(inputs, layer_idx, plan.exact)
+            kept, padded = self.policy.for_exact(plan.exact).select(inputs, layer_idx, plan.exact), None
         else:
             plan, kept, padded = self._select_per_sample(inputs, layer_idx, num_layers)
         window = min(self.policy.for_exact(plan.exact).window_size, n)
@@ -102,13 +107,31 @@ class Compressor:
         summary = self._summarise(keys, values, evicted_mask(kept, valid), plan, layer_idx, window_queries, scaling)
         # merged slots go first: generated tokens stay the last slots
         kept_bias = bias.gather(2, kept)
-        if self.policy.max_capacity_prompt_ratio is not None:  # a sample keeping fewer than the most
+        if padded is not None:  # a sample keeping fewer than the most
             kept_bias = kept_bias.masked_fill(padded, -math.inf)
         held_keys, held_values, held_bias, merged = assemble(keys, values, kept, kept_bias, summary)
         return CompressedKV(held_keys, held_values, held_bias, summary.state, merged, plan)
 
+    def _per_sample(self, valid, layer_idx: int, num_layers: int, head_dim: int) -> bool:
+        """Whether the samples of this batch get different plans from their own real lengths (ratio
+        budgets; PyramidKV's uniform budget for a prompt shorter than its bottom layer's share)."""
+        if self.policy.max_capacity_prompt_ratio is None and len(set(self.policy.layer_budgets(num_layers))) == 1:
+            return False
+        lengths = valid.sum(dim=-1).tolist()
+        plans = {self.plans(num_layers, head_dim, int(length))[layer_idx] for length in lengths}
+        if len(plans) == 1:
+            return False
+        if self.summary is not None and self.policy.max_capacity_prompt_ratio is None:
+            if not self._warned:
+                logger.warning("PyramidKV with a summary: prompts of this batch fall on both sides of the uniform "
+                               "budget's threshold; the longest prompt decides for all (alone, a short prompt would "
+                               "get the uniform budget)")
+                self._warned = True
+            return False
+        return True
+
     def _select_per_sample(self, inputs: SelectionInputs, layer_idx: int, num_layers: int):
-        """Ratio budgets: each sample keeps exact tokens by its own real length. Returns the plan,
+        """Budgets by each sample's own real length: each sample keeps its own exact tokens. Returns the plan,
         the kept indices (batch, kv_heads, most) and which of them are padding (a sample keeping
         fewer than the most repeats its first pick in front; the caller masks those slots)."""
         batch, kv_heads, n, head_dim = inputs.keys.shape

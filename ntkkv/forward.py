@@ -9,12 +9,15 @@ slot's bias as an additive mask; with a summary state, merge it in through the l
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from types import MethodType
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .cache import CompressedLayer, ensure_compressed_layer
+from .cache import CompressedLayer, StaticCache, StaticLayer, ensure_compressed_layer
+from .models import attention_modules
 from .ops import merge_attention, reference_attention, slot_logit_bias
 from .ops.decode_attention import HEAD_DIMS as FUSED_HEAD_DIMS
 from .ops.decode_attention import merged_decode_attention
@@ -81,6 +84,19 @@ def merged_attention(grouped_queries, layer: CompressedLayer, scaling: float, nu
     return output
 
 
+def static_attention(module, queries, layer: StaticLayer, used_slots: torch.Tensor) -> torch.Tensor:
+    """One new token's attention (queries (batch, heads, 1, d)) over a static layer: every slot with its
+    bias (-inf where unused), merged with the summary state if any; on CUDA one fused Triton kernel that
+    reads no slot past `used_slots`. Returns (batch, 1, heads, d) in the queries' dtype."""
+    batch, heads, _, head_dim = queries.shape
+    kv_heads = layer.keys.shape[1]
+    grouped = queries.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    state = layer.state.read(grouped, module.scaling) if layer.state is not None else (None, None)
+    output = merged_decode_attention(grouped, layer.keys, layer.values, layer.bias, module.scaling, *state,
+                                     used_slots=used_slots)
+    return output.view(batch, heads, 1, head_dim).transpose(1, 2).to(queries.dtype)
+
+
 def compressed_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                                  past_key_values=None, cache=None, **kwargs):
     """Replaces `LlamaAttention.forward` (and Mistral's, Qwen2's); `self.kv_compressor` is a `Compressor`."""
@@ -93,6 +109,12 @@ def compressed_attention_forward(self, hidden_states, position_embeddings=None, 
     cos, sin = position_embeddings
     model_module = sys.modules[type(self).__module__]
     queries, keys = model_module.apply_rotary_pos_emb(queries, keys, cos, sin)
+
+    if isinstance(cache, StaticCache):  # a captured decode step: write in place, attend over the capacity
+        layer = cache.layers[self.layer_idx]
+        used = layer.write(keys, values, cache.count, cache.folding)
+        output = static_attention(self, queries, layer, used)
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
 
     backend = self.config._attn_implementation
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, model_module.eager_attention_forward)
@@ -116,3 +138,28 @@ def compressed_attention_forward(self, hidden_states, position_embeddings=None, 
         output, weights = attend_to_cache(self, queries, layer, interface, backend, **kwargs)
     output = output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(output), weights
+
+
+@contextmanager
+def patched(model, compressor):
+    """The model's attention modules run `compressed_attention_forward` with `compressor` inside the block."""
+    modules = attention_modules(model)
+    if any("forward" in vars(module) for module in modules):
+        raise RuntimeError("this model is already patched: leave the enclosing ntkkv.compress block first")
+    for module in modules:
+        module.forward = MethodType(compressed_attention_forward, module)
+        module.kv_compressor = compressor
+    try:
+        yield model
+    finally:
+        for module in modules:
+            del module.forward, module.kv_compressor
+
+
+def compressor_of(model):
+    """The `Compressor` the model's attention runs with (ntkkv.compress or replace_llama), or None."""
+    modules = attention_modules(model)
+    if not modules:
+        return None
+    forward = getattr(modules[0].forward, "__func__", modules[0].forward)
+    return modules[0].kv_compressor if forward is compressed_attention_forward else None

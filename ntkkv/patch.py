@@ -11,11 +11,10 @@ nowhere else:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from types import MethodType
 
 from .compressor import Compressor
-from .forward import compressed_attention_forward
-from .models import attention_modules, check_attn_implementation, check_supported, model_shape
+from .forward import compressed_attention_forward, patched
+from .models import check_attn_implementation, check_supported, model_shape
 from .plan import check_compression
 from .policies import Policy, build_policy
 from .summaries import build_summary
@@ -93,17 +92,8 @@ def compress(model, method: str | Policy = "snapkv", max_capacity_prompt=None, *
     check_compression(compressor.policy, compressor.summary, model_shape(model))
     check_supported(model)
     check_attn_implementation(model.config._attn_implementation)
-    modules = attention_modules(model)
-    if any("forward" in vars(module) for module in modules):
-        raise RuntimeError("this model is already patched: leave the enclosing ntkkv.compress block first")
-    for module in modules:
-        module.forward = MethodType(compressed_attention_forward, module)
-        module.kv_compressor = compressor
-    try:
+    with patched(model, compressor):
         yield model
-    finally:
-        for module in modules:
-            del module.forward, module.kv_compressor
 
 
 def _replace_class(attention_class, method, max_capacity_prompt, options):

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ntkkv.eval import longbench
-from ntkkv.eval.batching import left_pad
+from ntkkv.eval.batching import BatchSizer, left_pad
 from ntkkv.eval.jsonl import JsonlAppender, merge_parts, part_path, read_predictions
 from ntkkv.generation import generate
 from ntkkv.patch import compress
@@ -52,13 +52,16 @@ class GenerationSettings:
     """Memory per layer and KV head in token equivalents; -1 to use max_capacity_prompts_ratio instead."""
     max_capacity_prompts_ratio: float = -1
     """Budget as a share of each sample's own prompt length, when max_capacity_prompts is -1."""
-    eval_batch_size: int = 1
+    eval_batch_size: int | str = 1
+    """Samples per batch, or "auto": the most that fit the GPU's memory (`ntkkv.eval.batching.BatchSizer`)."""
     max_new_tokens: int = None
     """None: LongBench's limit for the task."""
     max_length: int = None
     """Longest model input in tokens (chat template included); None: the model's context minus max_new_tokens."""
     chat_template: bool = True
     use_cache: bool = True
+    decode: str = "auto"
+    """ntkkv.generate's decode path: "auto" (static with CUDA graphs on a GPU), "static" or "dynamic"."""
     compress_kwargs: dict = dataclasses.field(default_factory=dict)
     """Passed on to ntkkv.compress (window_size, kernel_size, pooling, gqa_reduce, summary...)."""
 
@@ -105,13 +108,13 @@ def generate_batch(model, tokenizer, batch_ids, settings, max_new_tokens, stop_i
     input_ids, attention_mask = left_pad(batch_ids, pad_token_id, device)
     with compress(model, settings.method, **settings.budget_options(), **settings.compress_kwargs):
         output = generate(
-            model, input_ids, attention_mask,
+            model, input_ids, attention_mask, decode=settings.decode if settings.use_cache else "dynamic",
             max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False, num_beams=1,
             eos_token_id=stop_ids, pad_token_id=pad_token_id, use_cache=settings.use_cache,
         )
     answers = [cut_at_stop(new_tokens, stop_ids) for new_tokens in output.new_tokens]
     predictions = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]
-    return predictions, [len(answer) for answer in answers], output.kv_kept, output.state_tokens
+    return predictions, [len(answer) for answer in answers], output.kv_kept, output.state_tokens, output.decode
 
 
 def run_dataset(model, tokenizer, dataset, examples, output_path, settings, shard=Shard(), on_bad_line="stop"):
@@ -138,14 +141,25 @@ def run_dataset(model, tokenizer, dataset, examples, output_path, settings, shar
     kept_means = []
     progress = tqdm(total=shard_size, initial=shard_size - len(pending), desc=f"{dataset} {settings.method}",
                     unit="sample", position=shard.rank, dynamic_ncols=True)
+    sizer = BatchSizer(settings.eval_batch_size, device=model.get_input_embeddings().weight.device)
+    lengths = [len(prompt_ids[example["_id"]]) for example in pending]
     with JsonlAppender(target) as writer, progress:
-        for start in range(0, len(pending), settings.eval_batch_size):
-            batch = pending[start : start + settings.eval_batch_size]
+        start = 0
+        while start < len(pending):
+            size = sizer.next_size(lengths[start:])
+            batch = pending[start : start + size]
             batch_ids = [prompt_ids[example["_id"]] for example in batch]
             started = time.perf_counter()
-            predictions, answer_lengths, kv_kept, state_tokens = generate_batch(
-                model, tokenizer, batch_ids, settings, max_new_tokens, stop_ids
-            )
+            sizer.start()
+            try:
+                predictions, answer_lengths, kv_kept, state_tokens, decode = generate_batch(
+                    model, tokenizer, batch_ids, settings, max_new_tokens, stop_ids
+                )
+            except torch.cuda.OutOfMemoryError:
+                sizer.out_of_memory(size)  # re-raises unless a smaller batch can be tried
+                logger.info("%d samples did not fit in memory: trying fewer", size)
+                continue
+            sizer.done(size, max(len(ids) for ids in batch_ids))
             seconds = (time.perf_counter() - started) / len(batch)
             for example, ids, prediction, answer_length, kept, state in zip(
                 batch, batch_ids, predictions, answer_lengths, kv_kept, state_tokens
@@ -154,9 +168,10 @@ def run_dataset(model, tokenizer, dataset, examples, output_path, settings, shar
                 # kv_state: memory (token equivalents) of merged slots and summary state standing for evicted tokens
                 writer.write({**example, "pred": prediction, "prompt_tokens": len(ids), "answer_tokens": answer_length,
                               "kv_kept": kept, "kv_state": [round(float(n), 3) for n in state],
-                              "seconds": round(seconds, 3)})
+                              "seconds": round(seconds, 3), "batch_size": len(batch), "decode": decode})
                 kept_means.append(sum(kept) / max(len(kept), 1))
             progress.update(len(batch))
+            start += size
     return kept_means
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ntkkv.eval.batching import left_pad
+from ntkkv.eval.batching import BatchSizer, batch_size_setting, left_pad
 from ntkkv.eval.options import recorded_options, run_label
 from ntkkv.generation import generate
 from ntkkv.models import context_length
@@ -281,7 +281,10 @@ class NeedleTest:
     retrieval_question: str = DEFAULT_RETRIEVAL_QUESTION
     key_facts: tuple = None
     """Phrases whose presence is scored; default the sandwich needle's, or none for another needle."""
-    eval_batch_size: int = 1
+    eval_batch_size: int | str = 1
+    """Cells per batch, or "auto": the most that fit the GPU's memory, longest contexts first."""
+    decode: str = "auto"
+    """ntkkv.generate's decode path: "auto" (static with CUDA graphs on a GPU), "static" or "dynamic"."""
     results_version: int = 1
     compress_kwargs: dict = dataclasses.field(default_factory=dict)
     """Passed on to ntkkv.compress (window_size, kernel_size, pooling, ...)."""
@@ -299,8 +302,7 @@ class NeedleTest:
             question = "_qout" if self.question_outside else ""
             label = run_label(self.method, self.compress_kwargs)
             self.model_version = f"{model_short_name(self.model_name)}_{label}{budget}{question}"
-        if self.eval_batch_size < 1:
-            raise ValueError(f"--eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        self.eval_batch_size = batch_size_setting(self.eval_batch_size)
 
     @property
     def results_dir(self):
@@ -357,18 +359,30 @@ class NeedleTest:
         logger.info("%s: %d cells to run, %d already done", self.model_version,
                     len(todo), len(self.cells()) - len(todo))
         self.results_dir.mkdir(parents=True, exist_ok=True)
-        # similar lengths in one batch waste less padding
-        todo.sort()
+        # similar lengths in one batch waste less padding; the longest first, so that memory errors show at once
+        todo.sort(key=lambda cell: (-cell[0], cell[1]))
         records = []
+        sizer = BatchSizer(self.eval_batch_size, device=model.get_input_embeddings().weight.device)
         with (compress(model, self.method, max_capacity_prompt=self.max_capacity_prompt, **self.compress_kwargs),
               tqdm(total=len(todo), desc=self.model_version, unit="cell") as progress):
-            for start in range(0, len(todo), self.eval_batch_size):
-                batch = todo[start:start + self.eval_batch_size]
-                for record in self._run_batch(model, tokenizer, haystack, batch):
+            start = 0
+            while start < len(todo):
+                size = sizer.next_size([length for length, _ in todo[start:]])
+                batch = todo[start:start + size]
+                sizer.start()
+                try:
+                    batch_records = list(self._run_batch(model, tokenizer, haystack, batch))
+                except torch.cuda.OutOfMemoryError:
+                    sizer.out_of_memory(size)  # re-raises unless a smaller batch can be tried
+                    logger.info("%d cells did not fit in memory: trying fewer", size)
+                    continue
+                sizer.done(size, batch[0][0])
+                for record in batch_records:
                     self.result_path(record["context_length"], record["depth_percent"]).write_text(
                         json.dumps(record, ensure_ascii=False, indent=1))
                     records.append(record)
                 progress.update(len(batch))
+                start += size
         return records
 
     def _run_batch(self, model, tokenizer, haystack, batch):
@@ -385,7 +399,7 @@ class NeedleTest:
         started = time.perf_counter()
         with torch.inference_mode():
             out = generate(
-                model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=MAX_NEW_TOKENS,
+                model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=MAX_NEW_TOKENS, decode=self.decode,
                 do_sample=False, num_beams=1, eos_token_id=[tokenizer.eos_token_id, newline_id],
                 pad_token_id=tokenizer.pad_token_id,
                 prefill_length=None if question_length is None else prompt_width - question_length,
@@ -416,6 +430,7 @@ class NeedleTest:
                 "kv_state": [round(float(n), 3) for n in out.state_tokens[i]],
                 "compression": self._compression(),
                 "batch_size": len(batch),
+                "decode": out.decode,
                 "test_duration_seconds": duration,
                 "test_timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S%z"),  # noqa: UP017 (3.10 has no datetime.UTC)
             }

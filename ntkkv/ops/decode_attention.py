@@ -67,16 +67,20 @@ if triton is not None:
 
     @triton.jit
     def _partial_attention(
-        Q, K, V, BIAS, PART_MAX, PART_SUM, PART_ACC,
+        Q, K, V, BIAS, USED, PART_MAX, PART_SUM, PART_ACC,
         scale_log2, num_rows, num_slots, chunk, num_splits, kv_heads,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_bias_b, stride_bias_h, stride_bias_s,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-        KV_FP32: tl.constexpr, SPLIT_QUERIES: tl.constexpr, INTERPRETED: tl.constexpr,
+        KV_FP32: tl.constexpr, SPLIT_QUERIES: tl.constexpr, INTERPRETED: tl.constexpr, HAS_USED: tl.constexpr,
     ):
         """One chunk of slots of one (batch, KV head) and one block of query rows: the chunk's
-        max logit (base 2), sum of exp2(logit - max) and the sum of those weights times values."""
+        max logit (base 2), sum of exp2(logit - max) and the sum of those weights times values.
+        With HAS_USED, slots from USED[0] on are not read (a static cache's unwritten room)."""
         split, batch_head, row_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        slot_limit = num_slots
+        if HAS_USED:
+            slot_limit = tl.minimum(tl.load(USED).to(tl.int32), num_slots)
         # int64 base offsets: batch x head x slots x dim can pass 2^31 elements on long caches
         b = (batch_head // kv_heads).to(tl.int64)
         h = (batch_head % kv_heads).to(tl.int64)
@@ -99,7 +103,7 @@ if triton is not None:
         # every chunk runs the same number of tiles; the surplus of the last one is masked off
         for offset in range(0, chunk, BLOCK_N):
             slots = split * chunk + offset + tl.arange(0, BLOCK_N)
-            slot_ok = slots < num_slots
+            slot_ok = slots < slot_limit
             keys_t = tl.load(key_base + slots[None, :] * stride_ks + dims[:, None], mask=slot_ok[None, :], other=0.0)
             values = tl.load(value_base + slots[:, None] * stride_vs + dims[None, :], mask=slot_ok[:, None], other=0.0)
             bias = tl.load(bias_base + slots * stride_bias_s, mask=slot_ok, other=float("-inf"))
@@ -193,7 +197,7 @@ def merged_decode_attention_reference(queries, keys, values, slot_bias, scaling,
 
 
 def merged_decode_attention(queries, keys, values, slot_bias, scaling, log_mass=None, state_mean=None, *,
-                            force_triton: bool | None = None, num_splits: int | None = None):
+                            force_triton: bool | None = None, num_splits: int | None = None, used_slots=None):
     """Attention of one decode step over the kept slots, merged with the summary state.
 
     queries (b, hkv, m, d): the query heads sharing a KV head stacked on m (group size x new tokens);
@@ -209,6 +213,8 @@ def merged_decode_attention(queries, keys, values, slot_bias, scaling, log_mass=
     reference otherwise (NTKKV_FORCE_TRITON=1 in the environment counts as True); True runs them
     whatever the device (CPU tensors need TRITON_INTERPRET=1); False always runs the reference.
     num_splits: how many chunks the slots are split into (default: from S and the SM count).
+    used_slots: a one-element integer tensor, or None: the slots from this index on are unwritten room
+    (their bias must be -inf); the kernels do not read them. The reference reads every slot.
     """
     _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean)
     head_dim = queries.shape[-1]
@@ -219,7 +225,7 @@ def merged_decode_attention(queries, keys, values, slot_bias, scaling, log_mass=
         raise ValueError(f"merged_decode_attention: num_splits must be at least 1, got {num_splits}")
     if not _takes_triton_path(queries, force_triton):
         return merged_decode_attention_reference(queries, keys, values, slot_bias, scaling, log_mass, state_mean)
-    return _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_mean, num_splits)
+    return _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_mean, num_splits, used_slots)
 
 
 def _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean):
@@ -300,7 +306,7 @@ def _last_dim_contiguous(tensor):
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_mean, num_splits):
+def _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_mean, num_splits, used_slots=None):
     batch, kv_heads, num_rows, head_dim = queries.shape
     num_slots = keys.shape[2]
     device = queries.device
@@ -326,14 +332,15 @@ def _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_m
 
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         _partial_attention[(num_splits, batch * kv_heads, row_blocks)](
-            queries, keys, values, slot_bias, part_max, part_sum, part_acc,
+            queries, keys, values, slot_bias, output if used_slots is None else used_slots,  # USED: unread if None
+            part_max, part_sum, part_acc,
             scaling * math.log2(math.e), num_rows, num_slots, chunk, num_splits, kv_heads,
             queries.stride(0), queries.stride(1), queries.stride(2),
             keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
             slot_bias.stride(0), slot_bias.stride(1), slot_bias.stride(2),
             BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
             KV_FP32=kv_fp32, SPLIT_QUERIES=not kv_fp32 and queries.dtype != keys.dtype, INTERPRETED=_INTERPRETED,
-            num_warps=4, num_stages=2 if kv_fp32 else 3,
+            HAS_USED=used_slots is not None, num_warps=4, num_stages=2 if kv_fp32 else 3,
         )
         _combine_and_merge[(batch * kv_heads, row_blocks)](
             part_max, part_sum, part_acc, log_mass, state_mean, output,

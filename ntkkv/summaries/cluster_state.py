@@ -29,28 +29,33 @@ class ClusterState:
         self.means = self.projection = self.counts = self.normaliser = self.numerator = None
         self.value_min = self.value_max = None
 
-    # -- building (differentiable: the learned kernel trains through it) ----------------------
+    # -- building (differentiable: the learned map trains through it) ------------------------
     def build(self, keys, values, assignment, num_clusters: int) -> ClusterState:
-        """Summarise the tokens of each cluster (assignment -1: not part of the state)."""
-        batch, kv_heads, _, head_dim = keys.shape
+        """Summarise the tokens of each cluster (assignment -1: not part of the state), all clusters at
+        once (in chunks of clusters that bound the memory of the per-cluster feature sums)."""
+        batch, kv_heads, n, head_dim = keys.shape
         keys, values = keys.float(), values.float()
-        one_hot = one_hot_assignment(assignment, num_clusters)
+        one_hot = one_hot_assignment(assignment, num_clusters)  # (batch, kv_heads, clusters, n)
         self.counts = one_hot.sum(dim=-1)
         if self.centred:
             self.means = (one_hot @ keys) / self.counts.clamp_min(1)[..., None]
         else:
             self.means = keys.new_zeros(batch, kv_heads, num_clusters, head_dim)
-        numerator_size, normaliser_size = self.features.sizes(self.rank or head_dim)
-        self.numerator = keys.new_zeros(batch, kv_heads, num_clusters, numerator_size, head_dim)
-        self.normaliser = keys.new_zeros(batch, kv_heads, num_clusters, normaliser_size)
+        cluster = assignment.clamp_min(0)
+        deltas = (keys - self.means.gather(2, cluster[..., None].expand(-1, -1, -1, head_dim))) \
+            * (assignment >= 0)[..., None]
         if self.rank:
-            self.projection = keys.new_zeros(batch, kv_heads, num_clusters, head_dim, self.rank)
-        for cluster in range(num_clusters):
-            weight = one_hot[:, :, cluster, :, None]  # (batch, kv_heads, n, 1)
-            deltas = keys - self.means[:, :, cluster, None, :]
-            if self.rank:
-                self.projection[:, :, cluster] = principal_directions(deltas * weight.sqrt(), self.rank)
-            self._accumulate(cluster, deltas, values, weight)
+            covariance = torch.einsum("bhcn,bhnd,bhne->bhcde", one_hot, deltas, deltas)
+            self.projection = top_directions(covariance, self.rank)  # (batch, kv_heads, clusters, d, rank)
+            own = self.projection.gather(2, cluster[..., None, None].expand(-1, -1, -1, head_dim, self.rank))
+            deltas = torch.einsum("bhnd,bhndr->bhnr", deltas, own)
+        numerator_features, normaliser_features, _ = self.features(deltas, self.layer_idx, "key")
+        self.normaliser = one_hot @ normaliser_features  # (batch, kv_heads, clusters, G)
+        chunk = max(1, 2**24 // max(1, batch * kv_heads * n * numerator_features.shape[-1]))
+        self.numerator = torch.cat([
+            torch.einsum("bhcn,bhnf,bhnd->bhcfd", one_hot[:, :, start: start + chunk], numerator_features, values)
+            for start in range(0, num_clusters, chunk)], dim=2) if num_clusters else \
+            keys.new_zeros(batch, kv_heads, 0, numerator_features.shape[-1], head_dim)
         if self.clamp:
             present = (assignment >= 0)[..., None]
             # with nothing folded yet the range is [0, 0]; the first decode token replaces it
@@ -58,30 +63,30 @@ class ClusterState:
             self.value_max = torch.nan_to_num(values.masked_fill(~present, -math.inf).amax(dim=-2), neginf=0.0)
         return self
 
-    def _accumulate(self, cluster: int, deltas, values, weight) -> None:
-        if self.rank:
-            deltas = deltas @ self.projection[:, :, cluster]
-        numerator_features, normaliser_features, _ = self.features(deltas, self.layer_idx, "key")
-        self.normaliser[:, :, cluster] += (normaliser_features * weight).sum(dim=-2)
-        self.numerator[:, :, cluster] += (numerator_features * weight).transpose(-1, -2) @ values
-
     def fold(self, keys, values, weights=None) -> None:
-        """Add decode tokens (the ratchet): each joins its nearest cluster, around that cluster's μ."""
+        """Add decode tokens (the ratchet): each joins its nearest cluster, around that cluster's μ.
+        No host synchronisation, no shape change: a captured decode step can run it."""
         keys, values = keys.float(), values.float()
+        clusters = torch.arange(self.counts.shape[-1], device=keys.device)
+        head_dim = keys.shape[-1]
         for token in range(keys.shape[-2]):
             key, value = keys[:, :, token : token + 1], values[:, :, token : token + 1]
             if self.centred:
                 target = nearest_cluster(self.means, self.counts, key)[..., 0]  # (batch, kv_heads)
                 starts = self.counts.gather(-1, target[..., None])[..., 0] == 0
-                index = target[..., None, None].expand(-1, -1, 1, key.shape[-1])
+                index = target[..., None, None].expand(-1, -1, 1, head_dim)
                 # a token starting an empty cluster is its centre (its projection stays 0: δ = 0 anyway)
                 self.means.scatter_(2, index, torch.where(starts[..., None, None], key, self.means.gather(2, index)))
             else:
                 target = torch.zeros(key.shape[:2], dtype=torch.long, device=key.device)
-            for cluster in range(self.counts.shape[-1]):
-                weight = (target == cluster).float()[:, :, None, None]
-                if bool(weight.any()):
-                    self._accumulate(cluster, key - self.means[:, :, cluster, None, :], value, weight)
+            delta = key - self.means.gather(2, target[..., None, None].expand(-1, -1, 1, head_dim))
+            if self.rank:
+                own = self.projection.gather(2, target[..., None, None, None].expand(-1, -1, 1, head_dim, self.rank))
+                delta = torch.einsum("bhnd,bhndr->bhnr", delta, own)
+            numerator_features, normaliser_features, _ = self.features(delta, self.layer_idx, "key")
+            joins = (target[..., None] == clusters).float()  # (batch, kv_heads, clusters)
+            self.normaliser += joins[..., None] * normaliser_features
+            self.numerator += joins[..., None, None] * (numerator_features.transpose(-1, -2) @ value)[:, :, None]
             if self.clamp:
                 first = (self.counts.sum(dim=-1) == 0)[..., None]
                 self.value_min = torch.where(first, value[:, :, 0], torch.minimum(self.value_min, value[:, :, 0]))
@@ -131,8 +136,7 @@ def cluster_state_size(features, head_dim: int, num_clusters: int, centred: bool
     return total / (2 * head_dim)
 
 
-def principal_directions(deltas, rank: int) -> torch.Tensor:
-    """(batch, kv_heads, n, d) -> (batch, kv_heads, d, rank): the top eigenvectors of Σ δδᵀ."""
-    covariance = deltas.transpose(-1, -2) @ deltas
+def top_directions(covariance, rank: int) -> torch.Tensor:
+    """(..., d, d) -> (..., d, rank): the top eigenvectors of each covariance Σ δδᵀ."""
     _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
     return vectors[..., -rank:].flip(-1)

@@ -26,15 +26,14 @@ def assign_clusters(keys, evicted, num_clusters: int, by: str = "kmeans", iterat
         return torch.where(evicted, rank * num_clusters // count, -1)
     points = keys.float()
     centres = farthest_points(points, evicted, num_clusters)
-    assignment = None
-    for _ in range(iterations):
+    # a fixed number of rounds, with no test for convergence: a test would synchronise with the host,
+    # and past a fixed point a round changes nothing
+    for round_ in range(max(iterations, 1)):
         distances = torch.cdist(points, centres).masked_fill(~evicted[..., None], math.inf)
-        updated = torch.where(evicted, distances.argmin(dim=-1), -1)
-        if assignment is not None and torch.equal(updated, assignment):
-            break
-        assignment = updated
-        means, counts = cluster_means(points, assignment, num_clusters)
-        centres = torch.where(counts[..., None] > 0, means, centres)  # an emptied cluster keeps its centre
+        assignment = torch.where(evicted, distances.argmin(dim=-1), -1)
+        if round_ + 1 < iterations:
+            means, counts = cluster_means(points, assignment, num_clusters)
+            centres = torch.where(counts[..., None] > 0, means, centres)  # an emptied cluster keeps its centre
     return assignment
 
 

@@ -49,8 +49,11 @@ class ExactState:
     """Keeps the folded tokens themselves and computes Σ exp(s·q·k) v exactly.
 
     The reference a summary approximates: merged with the kept slots it reproduces full
-    attention. It saves no memory; it exists for tests and as the ceiling in benchmarks.
+    attention. It saves no memory; it exists for tests and as the ceiling in benchmarks. It grows as
+    tokens fold in, so a decode step that folds into it cannot be captured in a CUDA graph.
     """
+
+    static_shape = False
 
     def __init__(self):
         self.keys = self.values = self.log_weights = None
