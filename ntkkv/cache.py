@@ -234,9 +234,9 @@ class StaticLayer:
     keys, values (batch, kv_heads, capacity, d) and bias (batch, kv_heads, capacity) float32 hold, in
     order, the merged slots, the prefill's kept tokens (both padded to the batch's most with bias -inf)
     and a region of `region` slots for new tokens, which start at bias -inf and are written in place
-    at `prefill_slots + count % region` (`count`: new tokens written so far, a device tensor shared by
-    the layers). With the ratchet the region is its window, a ring: once full, the token a write
-    replaces first folds into the summary state, or into the merged slots, or is dropped.
+    at `prefill_slots + count % region` (`StaticCache.write_slots`). With the ratchet the region is its
+    window, a ring: once full, the token a write replaces first folds into the summary state, or into
+    the merged slots, or is dropped (`fold_oldest`).
     """
 
     def __init__(self, keys, values, bias, state, merged_slots: int, prefill_slots: int, region: int,
@@ -250,23 +250,16 @@ class StaticLayer:
     def capacity(self) -> int:
         return self.keys.shape[-2]
 
-    def write(self, keys, values, count: torch.Tensor, folding: bool) -> torch.Tensor:
-        """Write one new token's keys and values (batch, kv_heads, 1, d) in place; `folding` (known on the
-        host): the ring is full and the slot written holds the oldest new token, which leaves first.
-        Returns the number of slots in use after the write (a device tensor)."""
-        index = (count % self.region + self.prefill_slots).view(1)
-        if folding:
-            oldest_keys, oldest_values = self.keys.index_select(2, index), self.values.index_select(2, index)
-            if self.state is not None:
-                self.state.fold(oldest_keys, oldest_values, oldest_keys.new_ones(oldest_keys.shape[:3]))
-            elif self.merges_slots and self.merged_slots:
-                merged = self.merged_slots
-                fold_into_merged_slots(self.keys[:, :, :merged], self.values[:, :, :merged],
-                                       self.bias[:, :, :merged], oldest_keys, oldest_values)
-        self.keys.index_copy_(2, index, keys.to(self.keys.dtype))
-        self.values.index_copy_(2, index, values.to(self.values.dtype))
-        self.bias.index_fill_(2, index, 0.0)
-        return self.prefill_slots + torch.clamp(count + 1, max=self.region)
+    def fold_oldest(self, index: torch.Tensor) -> None:
+        """The ring is full: the token at `index` (a one-element tensor), the oldest new token, leaves the
+        exact slots before the write that replaces it: into the summary state, the merged slots, or gone."""
+        oldest_keys, oldest_values = self.keys.index_select(2, index), self.values.index_select(2, index)
+        if self.state is not None:
+            self.state.fold(oldest_keys, oldest_values, oldest_keys.new_ones(oldest_keys.shape[:3]))
+        elif self.merges_slots and self.merged_slots:
+            merged = self.merged_slots
+            fold_into_merged_slots(self.keys[:, :, :merged], self.values[:, :, :merged], self.bias[:, :, :merged],
+                                   oldest_keys, oldest_values)
 
     def state_tokens(self) -> float:
         return self.merged_slots + (self.state.size_in_tokens() if self.state is not None else 0.0)
@@ -284,8 +277,19 @@ class StaticCache:
         self.layers = layers
         self.written = written
         self.ratchet = ratchet
-        self.count = torch.tensor(written, dtype=torch.long, device=layers[0].keys.device)
+        device = layers[0].keys.device
+        self.count = torch.tensor(written, dtype=torch.long, device=device)
+        self.region = layers[0].region
+        if any(layer.region != self.region for layer in layers):
+            raise ValueError("every layer of a static cache has the same room for new tokens")
+        self.prefill_slots = torch.tensor([layer.prefill_slots for layer in layers], dtype=torch.long, device=device)
         self.folding = False
+
+    def write_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer, the slot the next token is written to and the slots in use after it ((layers,) each;
+        computed on the device, once a step)."""
+        return (self.prefill_slots + self.count % self.region,
+                self.prefill_slots + torch.clamp(self.count + 1, max=self.region))
 
     @property
     def room(self) -> int:

@@ -16,11 +16,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .cache import CompressedLayer, StaticCache, StaticLayer, ensure_compressed_layer
+from .cache import CompressedLayer, StaticCache, ensure_compressed_layer
 from .models import attention_modules
 from .ops import merge_attention, reference_attention, slot_logit_bias
 from .ops.decode_attention import HEAD_DIMS as FUSED_HEAD_DIMS
 from .ops.decode_attention import merged_decode_attention
+from .ops.decode_step import add_rms_norm, rotary_write, silu_mul
 
 # cuDNN's sdpa builds a graph for every new key length (~40 ms on an H200, torch 2.11) and decode
 # sees a new length every step; the others need no such set-up (benchmarks/decode_probe.py)
@@ -84,17 +85,37 @@ def merged_attention(grouped_queries, layer: CompressedLayer, scaling: float, nu
     return output
 
 
-def static_attention(module, queries, layer: StaticLayer, used_slots: torch.Tensor) -> torch.Tensor:
-    """One new token's attention (queries (batch, heads, 1, d)) over a static layer: every slot with its
-    bias (-inf where unused), merged with the summary state if any; on CUDA one fused Triton kernel that
-    reads no slot past `used_slots`. Returns (batch, 1, heads, d) in the queries' dtype."""
-    batch, heads, _, head_dim = queries.shape
-    kv_heads = layer.keys.shape[1]
-    grouped = queries.reshape(batch, kv_heads, heads // kv_heads, head_dim)
-    state = layer.state.read(grouped, module.scaling) if layer.state is not None else (None, None)
-    output = merged_decode_attention(grouped, layer.keys, layer.values, layer.bias, module.scaling, *state,
-                                     used_slots=used_slots)
-    return output.view(batch, heads, 1, head_dim).transpose(1, 2).to(queries.dtype)
+def static_decode_layer(layer, hidden, residual, position_embeddings, cache: StaticCache, write_slots,
+                        used_slots):
+    """One decoder layer of a static decode step: Llama's, Mistral's and Qwen2's layer (pre-norm, attention,
+    gated MLP) with the elementwise work fused (`ntkkv.ops.decode_step`). The new token's key and value are
+    written in place at the layer's write slot, and its queries attend over every slot with its bias (-inf
+    where unused), merged with the summary state if any. hidden (batch, 1, width) and residual (None before
+    the first layer) -> the layer's output and the residual stream."""
+    attention, mlp = layer.self_attn, layer.mlp
+    normed, residual = add_rms_norm(hidden, residual, layer.input_layernorm.weight,
+                                    layer.input_layernorm.variance_epsilon)
+    batch, head_dim = hidden.shape[0], attention.head_dim
+    static = cache.layers[attention.layer_idx]
+    index = write_slots[attention.layer_idx: attention.layer_idx + 1]
+    if cache.folding:
+        static.fold_oldest(index)
+    cos, sin = position_embeddings
+    queries = rotary_write(attention.q_proj(normed).view(batch, -1, head_dim),
+                           attention.k_proj(normed).view(batch, -1, head_dim),
+                           attention.v_proj(normed).view(batch, -1, head_dim), cos[:, 0], sin[:, 0],
+                           static.keys, static.values, static.bias, index)
+    grouped = queries.view(batch, static.keys.shape[1], -1, head_dim)
+    state = static.state.read(grouped, attention.scaling) if static.state is not None else (None, None)
+    output = merged_decode_attention(grouped, static.keys, static.values, static.bias, attention.scaling, *state,
+                                     used_slots=used_slots[attention.layer_idx: attention.layer_idx + 1],
+                                     out_dtype=hidden.dtype)
+    hidden = attention.o_proj(output.view(batch, 1, -1))
+    normed, residual = add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight,
+                                    layer.post_attention_layernorm.variance_epsilon)
+    if getattr(mlp.config, "hidden_act", None) in ("silu", "swish"):
+        return mlp.down_proj(silu_mul(mlp.gate_proj(normed), mlp.up_proj(normed))), residual
+    return mlp(normed), residual
 
 
 def compressed_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
@@ -109,12 +130,6 @@ def compressed_attention_forward(self, hidden_states, position_embeddings=None, 
     cos, sin = position_embeddings
     model_module = sys.modules[type(self).__module__]
     queries, keys = model_module.apply_rotary_pos_emb(queries, keys, cos, sin)
-
-    if isinstance(cache, StaticCache):  # a captured decode step: write in place, attend over the capacity
-        layer = cache.layers[self.layer_idx]
-        used = layer.write(keys, values, cache.count, cache.folding)
-        output = static_attention(self, queries, layer, used)
-        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
 
     backend = self.config._attn_implementation
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, model_module.eager_attention_forward)

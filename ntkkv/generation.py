@@ -20,7 +20,8 @@ import torch
 
 from .cache import CompressedCache, CompressedLayer, StaticCache, state_sizes
 from .compressor import Compressor
-from .forward import compressor_of, patched
+from .forward import compressor_of, patched, static_decode_layer
+from .ops.decode_step import add_rms_norm
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,6 @@ class StaticDecoder:
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.layers = self.decoder.layers[: model.config.get_text_config(decoder=True).num_hidden_layers]
-        self.cache_argument = cache_argument_name(self.layers[0])
         self.cache = cache
         batch, vocab = first_logits.shape
         device = first_logits.device
@@ -280,12 +280,14 @@ class StaticDecoder:
     def _step(self) -> None:
         hidden = self.decoder.embed_tokens(self.input_ids)
         position_embeddings = self.decoder.rotary_emb(hidden, self.position_ids)
+        write_slots, used_slots = self.cache.write_slots()
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=self.position_ids,
-                           position_embeddings=position_embeddings, use_cache=True,
-                           **{self.cache_argument: self.cache})
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        logits = self.head(self.decoder.norm(hidden)[:, -1]).float()
+            hidden, residual = static_decode_layer(layer, hidden, residual, position_embeddings, self.cache,
+                                                   write_slots, used_slots)
+        norm = self.decoder.norm
+        hidden, _ = add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+        logits = self.head(hidden[:, -1]).float()
         self.position_ids += 1
         self.cache.count += 1
         self._choose(logits)
@@ -317,7 +319,8 @@ class StaticDecoder:
 
     def run(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode until every sample has stopped or max_new tokens exist. Returns the tokens
-        (batch, max_new; pad after the last step run) on the host and the logits buffer or None."""
+        (batch, max_new; pad after the last step run) on the host and the logits buffer (on the
+        device, as generate's) or None."""
         steps = 1
         while steps < self.max_new:
             if steps % STOP_CHECK_EVERY == 0 and self._finished(steps):
@@ -327,7 +330,7 @@ class StaticDecoder:
             self.cache.after_step()
             steps += 1
         self.graphs.clear()
-        return self.tokens.cpu(), (self.logits.cpu() if self.logits is not None else None)
+        return self.tokens.cpu(), self.logits
 
 
 def _check_prefill_length(prefill_length, attention_mask) -> None:

@@ -184,7 +184,8 @@ if triton is not None:
             # every slot -inf and no state: 0, as reference_attention's nan_to_num gives
             output = tl.where(kept_sum[:, None] > 0, kept_acc / kept_sum[:, None], 0.0)
         out_rows = batch_head.to(tl.int64) * num_rows + rows
-        tl.store(OUT + out_rows[:, None] * HEAD_DIM + dims[None, :], output, mask=row_ok[:, None])
+        tl.store(OUT + out_rows[:, None] * HEAD_DIM + dims[None, :], output.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None])
 
 
 def merged_decode_attention_reference(queries, keys, values, slot_bias, scaling, log_mass=None, state_mean=None):
@@ -197,7 +198,8 @@ def merged_decode_attention_reference(queries, keys, values, slot_bias, scaling,
 
 
 def merged_decode_attention(queries, keys, values, slot_bias, scaling, log_mass=None, state_mean=None, *,
-                            force_triton: bool | None = None, num_splits: int | None = None, used_slots=None):
+                            force_triton: bool | None = None, num_splits: int | None = None, used_slots=None,
+                            out_dtype: torch.dtype = torch.float32):
     """Attention of one decode step over the kept slots, merged with the summary state.
 
     queries (b, hkv, m, d): the query heads sharing a KV head stacked on m (group size x new tokens);
@@ -215,6 +217,7 @@ def merged_decode_attention(queries, keys, values, slot_bias, scaling, log_mass=
     num_splits: how many chunks the slots are split into (default: from S and the SM count).
     used_slots: a one-element integer tensor, or None: the slots from this index on are unwritten room
     (their bias must be -inf); the kernels do not read them. The reference reads every slot.
+    out_dtype: the output's dtype (the kernels compute in float32 and round once when they store).
     """
     _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean)
     head_dim = queries.shape[-1]
@@ -224,8 +227,10 @@ def merged_decode_attention(queries, keys, values, slot_bias, scaling, log_mass=
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"merged_decode_attention: num_splits must be at least 1, got {num_splits}")
     if not _takes_triton_path(queries, force_triton):
-        return merged_decode_attention_reference(queries, keys, values, slot_bias, scaling, log_mass, state_mean)
-    return _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_mean, num_splits, used_slots)
+        output = merged_decode_attention_reference(queries, keys, values, slot_bias, scaling, log_mass, state_mean)
+        return output.to(out_dtype)
+    return _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_mean, num_splits, used_slots,
+                           out_dtype)
 
 
 def _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean):
@@ -306,11 +311,12 @@ def _last_dim_contiguous(tensor):
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_mean, num_splits, used_slots=None):
+def _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_mean, num_splits, used_slots=None,
+                    out_dtype=torch.float32):
     batch, kv_heads, num_rows, head_dim = queries.shape
     num_slots = keys.shape[2]
     device = queries.device
-    output = torch.empty(batch, kv_heads, num_rows, head_dim, dtype=torch.float32, device=device)
+    output = torch.empty(batch, kv_heads, num_rows, head_dim, dtype=out_dtype, device=device)
     if output.numel() == 0:
         return output
     queries, keys, values = map(_last_dim_contiguous, (queries, keys, values))
