@@ -9,12 +9,18 @@ import math
 
 import pytest
 import torch
-from tiny import random_prompt, tiny_model
 
 import ntkkv
 from ntkkv.ops import decode_attention, decode_step
-from ntkkv.ops.decode_step import (add_rms_norm, add_rms_norm_reference, rotary_write, rotary_write_reference,
-                                   silu_mul, silu_mul_reference)
+from ntkkv.ops.decode_step import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    rotary_write,
+    rotary_write_reference,
+    silu_mul,
+    silu_mul_reference,
+)
+from tiny import random_prompt, tiny_model
 
 INTERPRETER = decode_attention._INTERPRETED
 needs_kernels = pytest.mark.skipif(not (INTERPRETER or torch.cuda.is_available()),
