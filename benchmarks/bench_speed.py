@@ -178,6 +178,20 @@ def repeated(cache: CompressedCache, batch: int) -> CompressedCache:
     return copied
 
 
+def repeated_static(cache: CompressedCache, batch: int, room: int) -> StaticCache:
+    """The static cache of a one-sample prefilled cache, made to hold `batch` copies of the sample: each
+    buffer allocated once at its full size (a batch that fills the GPU has no room for a second copy)."""
+    single = StaticCache.from_compressed([repeated(cache, 1)], room=room)
+    for layer in single.layers:
+        layer.keys, layer.values = layer.keys.repeat(batch, 1, 1, 1), layer.values.repeat(batch, 1, 1, 1)
+        layer.bias = layer.bias.repeat(batch, 1, 1)
+        if layer.state is not None:
+            for name, value in vars(layer.state).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(layer.state, name, value.repeat(batch, *[1] * (value.dim() - 1)))
+    return single
+
+
 def time_static(model, cache, batch, length, args) -> tuple[float, float | None, int]:
     """(median ms per decode step, peak GiB above the weights, slots per layer) of the static path."""
     device = args.device
@@ -185,7 +199,7 @@ def time_static(model, cache, batch, length, args) -> tuple[float, float | None,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     total_steps = 2 + args.repeats * args.steps
-    static = StaticCache.from_compressed([repeated(cache, batch)], room=total_steps + 1)
+    static = repeated_static(cache, batch, total_steps + 1)
     logits = torch.zeros(batch, model.config.vocab_size, device=device)
     decoder = StaticDecoder(model, static, logits, torch.full((batch,), length, device=device), total_steps + 1, 0, [],
                             0)
@@ -259,7 +273,7 @@ def prefill_one(model, prompt, label, args):
     return cache, statistics.median(seconds), (method, budget, options)
 
 
-def decode_rows(model, prompt, label, batches, args, rows, with_dynamic):
+def decode_rows(model, prompt, label, batches, args, rows, with_dynamic, report=lambda: None):
     """Prefill once, then time the static (and dynamic) decode at each batch size."""
     length = prompt.shape[1]
     cache, prefill_s, (method, budget, options) = prefill_one(model, prompt, label, args)
@@ -278,19 +292,24 @@ def decode_rows(model, prompt, label, batches, args, rows, with_dynamic):
                 row.note = "OOM"
                 release(args.device)
             rows.append(row)
+            report()
             print(f"[{length:>7,}] {label:<15} batch {batch:>4}: static {row.static_ms} ms, dynamic "
                   f"{row.dynamic_ms} ms, peak {row.peak_gib} GiB {row.note}", file=sys.stderr, flush=True)
     return cache, (method, budget, options)
 
 
-def largest_batch(model, prompt, label, args, rows):
+def largest_batch(model, prompt, label, args, rows, report=lambda: None):
     """The most samples whose static cache fits beside the weights, and their decode speed."""
     length = prompt.shape[1]
     cache, prefill_s, (method, budget, options) = prefill_one(model, prompt, label, args)
-    per_sample = sample_bytes(cache, 2 + args.repeats * args.steps + 2)
+    # the cache, and per sample a few copies of the step's logits and activations
+    per_sample = sample_bytes(cache, 2 + args.repeats * args.steps + 2) + 16 * model.config.vocab_size
     release(args.device)
-    free, _ = torch.cuda.mem_get_info(args.device) if args.device.type == "cuda" else (2 * GIB, None)
-    batch = max(1, min(4096, int(0.92 * free / per_sample)))
+    if args.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(args.device)
+        batch = max(1, min(4096, int(0.92 * free / per_sample)))
+    else:  # the smoke test: memory does not bound a CPU batch
+        batch = 4
     from ntkkv.compressor import Compressor
     from ntkkv.forward import patched
 
@@ -302,6 +321,7 @@ def largest_batch(model, prompt, label, args, rows):
             try:
                 row.static_ms, row.peak_gib, row.slots = time_static(model, cache, batch, length, args)
                 rows.append(row)
+                report()
                 print(f"[{length:>7,}] {label:<15} largest batch {batch}: {row.static_ms:.2f} ms", file=sys.stderr,
                       flush=True)
                 return
@@ -310,7 +330,7 @@ def largest_batch(model, prompt, label, args, rows):
                 batch = int(batch * 0.85)
 
 
-def anchor_rows(model, args, rows):
+def anchor_rows(model, args, rows, report=lambda: None):
     """transformers' generate with its static cache (compiled decode), full KV."""
     generator = torch.Generator().manual_seed(args.seed + 1)
     for length, batch in args.anchor:
@@ -328,6 +348,7 @@ def anchor_rows(model, args, rows):
             row = Row(length, "transformers static+compile", batch, note=f"failed: {type(error).__name__}: "
                                                                         f"{str(error).splitlines()[0][:80]}")
         rows.append(row)
+        report()
         print(f"[{length:>7,}] anchor batch {batch}: {row.static_ms} ms {row.note}", file=sys.stderr, flush=True)
         release(args.device)
 
@@ -375,21 +396,27 @@ def main(argv=None) -> int:
     weights_gib = torch.cuda.memory_allocated(args.device) / GIB if args.device.type == "cuda" else None
     generator = torch.Generator().manual_seed(args.seed)
     rows: list[Row] = []
+
+    def report():  # the table so far, so that a run cut short keeps what it measured
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(markdown(rows, args, model, weights_gib), encoding="utf-8")
+
     with torch.inference_mode():
         for length in args.lengths:
             prompt = torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(args.device)
             long = length > 65536
             for label in (args.long_methods if long else args.methods):
                 decode_rows(model, prompt, label, args.long_batches if long else args.batches, args, rows,
-                            with_dynamic=not long)
+                            with_dynamic=not long, report=report)
                 release(args.device)
         longest = torch.randint(0, model.config.vocab_size, (1, min(max(args.lengths), 32768)),
                                 generator=generator).to(args.device)
         for label in args.largest:
-            largest_batch(model, longest, label, args, rows)
+            largest_batch(model, longest, label, args, rows, report)
             release(args.device)
     if args.anchor:
-        anchor_rows(model, args, rows)
+        anchor_rows(model, args, rows, report)
     table = markdown(rows, args, model, weights_gib)
     print(table)
     if args.out is not None:

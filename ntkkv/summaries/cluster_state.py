@@ -100,11 +100,14 @@ class ClusterState:
         logits = x @ self.means.transpose(-1, -2)  # (batch, kv_heads, m, clusters)
         if self.rank:
             projected = torch.einsum("bhmd,bhcdr->bhmcr", x, self.projection)
-        else:
-            projected = x[:, :, :, None, :].expand(-1, -1, -1, self.counts.shape[-1], -1)
-        numerator_features, normaliser_features, log_scale = self.features(projected, self.layer_idx, "query")
-        normaliser = (normaliser_features * self.normaliser[:, :, None]).sum(dim=-1)
-        numerator = torch.einsum("bhmcf,bhcfd->bhmcd", numerator_features, self.numerator)
+            numerator_features, normaliser_features, log_scale = self.features(projected, self.layer_idx, "query")
+            normaliser = (normaliser_features * self.normaliser[:, :, None]).sum(dim=-1)
+            numerator = torch.einsum("bhmcf,bhcfd->bhmcd", numerator_features, self.numerator)
+        else:  # the query's features do not depend on the cluster: computed once
+            numerator_features, normaliser_features, log_scale = self.features(x, self.layer_idx, "query")
+            normaliser = torch.einsum("bhmf,bhcf->bhmc", normaliser_features, self.normaliser)
+            numerator = torch.einsum("bhmf,bhcfd->bhmcd", numerator_features, self.numerator)
+            log_scale = log_scale[..., None]
         if self.clamp:
             normaliser = normaliser.clamp_min(1e-6)
         normaliser = torch.where(self.counts[:, :, None] > 0, normaliser, torch.zeros_like(normaliser))
