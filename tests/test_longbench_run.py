@@ -446,3 +446,86 @@ def test_run_with_a_summary_writes_its_own_file_with_the_state_memory(model_dir,
     records = predictions_by_id(tmp_path / "tiny_24" / "multi_news" / "SnapKV_merge_sb4.json")
     assert {tuple(record["kv_kept"]) for record in records.values()} == {(20, 20)}
     assert {tuple(record["kv_state"]) for record in records.values()} == {(4.0, 4.0)}
+
+
+# --- automatic batch size ----------------------------------------------------------------------------------
+
+class FakeMemory:
+    """A GPU of `capacity` bytes where the weights take `resident` and a batch's peak grows by `per_token`
+    for each sample × padded prompt token; more than the capacity is an out-of-memory error."""
+
+    def __init__(self, capacity, resident, per_token):
+        self.capacity_bytes, self.resident, self.per_token = capacity, resident, per_token
+        self.peak_bytes = resident
+
+    def in_use(self):
+        return self.resident
+
+    def capacity(self):
+        return self.capacity_bytes
+
+    def reset_peak(self):
+        self.peak_bytes = self.resident
+
+    def peak(self):
+        return self.peak_bytes
+
+    def release(self):
+        pass
+
+    def run(self, batch_size, longest):
+        need = self.resident + self.per_token * batch_size * longest
+        if need > self.capacity_bytes:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        self.peak_bytes = need
+
+
+def test_auto_batch_size_learns_the_memory_a_sample_needs_and_halves_on_out_of_memory():
+    from ntkkv.eval.batching import MAX_AUTO_BATCH, MEMORY_SHARE, BatchSizer
+
+    memory = FakeMemory(capacity=10_000_000, resident=1_000_000, per_token=50)
+    sizer = BatchSizer("auto", memory=memory)
+    lengths = [1000] * 40 + [500] * 100  # longest first
+    assert sizer.next_size(lengths) == 1  # nothing measured yet: one sample
+    sizer.start()
+    memory.run(1, 1000)
+    sizer.done(1, 1000)
+    # room 0.9 × 9e6 bytes, 50 bytes a token: 162 samples of 1,000 tokens, capped, and no more than are left
+    assert sizer.next_size(lengths[1:]) == min(int(MEMORY_SHARE * 9_000_000 // (50 * 1000)), MAX_AUTO_BATCH, 139)
+    assert sizer.next_size([500] * 500) == MAX_AUTO_BATCH
+    memory.per_token = 200  # the next prompts need more than the first did
+    size = sizer.next_size([1000] * 100)
+    sizer.start()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        try:
+            memory.run(size, 1000)
+        except torch.cuda.OutOfMemoryError:
+            sizer.out_of_memory(size)  # learns, and re-raises only at one sample
+            raise
+    assert sizer.next_size([1000] * 100) == size // 2
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one sample that does not fit is an error
+        try:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        except torch.cuda.OutOfMemoryError:
+            sizer.out_of_memory(1)
+
+
+def test_auto_batch_size_off_the_gpu_and_bad_values():
+    from ntkkv.eval.batching import CPU_AUTO_BATCH, BatchSizer, batch_size_setting
+
+    assert BatchSizer("auto", device="cpu").next_size([10] * 20) == CPU_AUTO_BATCH
+    assert BatchSizer(3, device="cpu").next_size([10] * 2) == 2
+    assert batch_size_setting("AUTO") == "auto" and batch_size_setting("8") == 8
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(ValueError, match=f"--eval_batch_size must be a positive integer or 'auto', got '{bad}'"):
+            batch_size_setting(bad)
+
+
+def test_runner_with_an_automatic_batch_size(model_dir, data_dir, tmp_path):
+    run_cli(*cli_arguments(model_dir, data_dir, tmp_path, "--datasets", "multi_news", "--model_name", "tiny",
+                           "--eval_batch_size", "auto"))
+    records = read_jsonl(tmp_path / "tiny_16" / "multi_news" / "SnapKV.json")
+    assert len(records) == 5 and {record["batch_size"] for record in records} == {4, 1}  # CPU: 4 at a time
+    assert {record["decode"] for record in records} == {"dynamic"}  # the CPU's default path
+    with pytest.raises(SystemExit):
+        run_cli(*cli_arguments(model_dir, data_dir, tmp_path, "--eval_batch_size", "0"))

@@ -70,6 +70,7 @@ class BatchSizer:
         self.size = (1 if self.memory is not None else CPU_AUTO_BATCH) if self.auto else int(setting)
         self.bytes_per_token = None
         self.resident = None
+        self.cap = MAX_AUTO_BATCH  # lowered by an out-of-memory error, until a batch has run
 
     def next_size(self, lengths) -> int:
         """The size of the next batch, for the pending samples' prompt lengths (in order)."""
@@ -77,7 +78,7 @@ class BatchSizer:
             return max(1, min(self.size, len(lengths)))
         room = MEMORY_SHARE * (self.memory.capacity() - self.resident)
         size = int(room // (self.bytes_per_token * max(lengths[0], 1)))
-        return max(1, min(size, MAX_AUTO_BATCH, len(lengths)))
+        return max(1, min(size, self.cap, len(lengths)))
 
     def start(self) -> None:
         if self.memory is not None:
@@ -90,13 +91,12 @@ class BatchSizer:
             per_token = (self.memory.peak() - self.resident) / max(batch_size * longest, 1)
             self.bytes_per_token = max(per_token, self.bytes_per_token or 0.0)
             self.size = batch_size
+            self.cap = MAX_AUTO_BATCH
 
     def out_of_memory(self, batch_size: int) -> None:
         """A batch of `batch_size` did not fit: the next is half as large (raises at one sample)."""
         if not self.auto or batch_size <= 1:
-            raise
+            raise  # the error being handled: nothing smaller to try
         if self.memory is not None:
             self.memory.release()
-            if self.bytes_per_token is not None:
-                self.bytes_per_token *= 2
-        self.size = max(1, batch_size // 2)
+        self.size = self.cap = max(1, batch_size // 2)
