@@ -1,8 +1,13 @@
 """The Triton merged decode attention against its plain-torch composition: accuracy, then speed.
 
-    python benchmarks/check_merge_triton.py                      # CUDA: full grid, then timings
-    python benchmarks/check_merge_triton.py --batches 1 --slots 8192 --repeats 200
-    python benchmarks/check_merge_triton.py --device cpu --interpret   # tiny run in Triton's interpreter
+    python benchmarks/check_decode_attention.py                      # CUDA: full grid, then timings
+    python benchmarks/check_decode_attention.py --batches 1 --slots 8192 --repeats 200
+    python benchmarks/check_decode_attention.py --flex               # and FlexAttention, the other candidate
+    python benchmarks/check_decode_attention.py --device cpu --interpret   # tiny run in Triton's interpreter
+
+--flex times the alternative the decode path could have used: torch's FlexAttention (compiled),
+the slot bias as a score_mod, its log-sum-exp merged with the state as the reference merges it; its
+largest error against the reference is printed beside its time.
 
 Accuracy: max |triton - reference| / max |reference| per case (NaN only where the reference has
 NaN), the reference computed from the same 16-bit tensors; the bar is 1e-5 for fp32 caches and
@@ -40,6 +45,7 @@ def parse_args():
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="K/V dtype of the timings")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--flex", action="store_true", help="also time FlexAttention with the bias as a score_mod")
     parser.add_argument("--split-sweep", action="store_true",
                         help="also time the Triton path at forced split counts, to check the automatic choice")
     args = parser.parse_args()
@@ -49,6 +55,8 @@ def parse_args():
         parser.error("no CUDA device here; use --device cpu --interpret for a tiny check in the interpreter")
     if args.interpret and args.device == "cuda":
         parser.error("--interpret runs on CPU tensors: add --device cpu")
+    if args.flex and args.device == "cpu":
+        parser.error("--flex needs CUDA: torch.compile does not build FlexAttention's log-sum-exp for the CPU")
     return args
 
 
@@ -141,12 +149,36 @@ def median_ms(fn, repeats, warmup, device):
     return statistics.median(times)
 
 
+@functools.cache
+def compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_decode(queries, keys, values, slot_bias, scaling, log_mass=None, state_mean=None):
+    """The same function through FlexAttention: each KV head's query rows attend over its slots, the slot
+    bias added by a score_mod; the log-sum-exp it returns merges with the state."""
+    from ntkkv.ops import merge_attention
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + slot_bias[b, h, kv_idx]
+
+    output, lse = compiled_flex_attention()(queries, keys, values, score_mod=add_bias, scale=scaling,
+                                            return_lse=True)
+    output = output.float()
+    if log_mass is None:
+        return output
+    return merge_attention(lse.float(), output, log_mass.float(), state_mean.float())
+
+
 def speed_table(fast, reference, args):
     dtype = DTYPES[args.dtype]
     print(f"\n## speed: hkv {args.kv_heads}, group {args.group} (m = {args.group}), d {args.head_dim}, "
           f"{args.dtype} K/V; median of {args.repeats} after {args.warmup} warm-up calls\n")
-    print("| batch | S | state | torch ms | triton ms | speed-up | triton GB/s | sdpa ms (no state) |")
-    print("|---|---|---|---|---|---|---|---|")
+    flex_header = " flex ms | flex error |" if args.flex else ""
+    print("| batch | S | state | torch ms | triton ms | speed-up | triton GB/s | sdpa ms (no state) |" + flex_header)
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.flex else ""))
     for batch in args.batches:
         for num_slots in args.slots:
             for state in ("none", "some"):
@@ -163,8 +195,16 @@ def speed_table(fast, reference, args):
                         torch.nn.functional.scaled_dot_product_attention, case["queries"], case["keys"],
                         case["values"], attn_mask=case["slot_bias"][:, :, None, :].to(dtype), scale=case["scaling"]))
                     sdpa = f"{sdpa_ms:.3f}"
+                flex = ""
+                if args.flex:
+                    flex_case = {**case, "queries": case["queries"].to(dtype)}  # flex takes one dtype
+                    expected = reference(**flex_case)
+                    got = flex_decode(**flex_case)
+                    finite = torch.isfinite(expected)
+                    error = float((got[finite] - expected[finite]).abs().max() / expected[finite].abs().max())
+                    flex = f" {time_ms(functools.partial(flex_decode, **flex_case)):.3f} | {error:.1e} |"
                 print(f"| {batch} | {num_slots} | {state} | {torch_ms:.3f} | {triton_ms:.3f} | "
-                      f"{torch_ms / triton_ms:.1f}x | {kv_bytes / triton_ms / 1e6:.0f} | {sdpa} |")
+                      f"{torch_ms / triton_ms:.1f}x | {kv_bytes / triton_ms / 1e6:.0f} | {sdpa} |" + flex)
 
 
 def split_sweep_table(fast, args):
