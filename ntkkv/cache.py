@@ -208,6 +208,9 @@ def kv_lengths(cache, per_sample: bool = False):
 
     Works on a plain DynamicCache too (then nothing is compressed and padding is counted).
     """
+    if isinstance(cache, StaticCache):
+        per_layer = [layer.token_slots(cache.written, per_sample) for layer in cache.layers]
+        return [list(sample) for sample in zip(*per_layer)] if per_sample else per_layer
     layers = list(cache.layers)
     if not per_sample:
         return [layer.num_slots() - layer.merged_slots if isinstance(layer, CompressedLayer)
@@ -223,6 +226,8 @@ def kv_lengths(cache, per_sample: bool = False):
 
 def state_sizes(cache) -> list[float]:
     """Per layer, the memory per KV head (token equivalents) of merged slots and summary state."""
+    if isinstance(cache, StaticCache):
+        return [layer.state_tokens(cache.folded) for layer in cache.layers]
     return [layer.state_tokens() if isinstance(layer, CompressedLayer) else 0.0 for layer in cache.layers]
 
 
@@ -240,9 +245,11 @@ class StaticLayer:
     """
 
     def __init__(self, keys, values, bias, state, merged_slots: int, prefill_slots: int, region: int,
-                 ratchet: bool, merges_slots: bool, planned_clusters: int):
+                 ratchet: bool, merges_slots: bool, planned_clusters: int, prefilled_merged: int | None = None):
         self.keys, self.values, self.bias = keys, values, bias
         self.state, self.merged_slots = state, merged_slots
+        # merged slots the prefill made; the others were made empty for the ratchet to fold into
+        self.prefilled_merged = merged_slots if prefilled_merged is None else prefilled_merged
         self.prefill_slots, self.region = prefill_slots, region
         self.ratchet, self.merges_slots, self.planned_clusters = ratchet, merges_slots, planned_clusters
 
@@ -261,8 +268,18 @@ class StaticLayer:
             fold_into_merged_slots(self.keys[:, :, :merged], self.values[:, :, :merged], self.bias[:, :, :merged],
                                    oldest_keys, oldest_values)
 
-    def state_tokens(self) -> float:
-        return self.merged_slots + (self.state.size_in_tokens() if self.state is not None else 0.0)
+    def state_tokens(self, folded: bool = True) -> float:
+        """Memory of what stands for evicted tokens, as the dynamic cache counts it: merged slots made
+        empty for the ratchet count once it has folded into them (`folded`)."""
+        merged = self.merged_slots if folded else self.prefilled_merged
+        return merged + (self.state.size_in_tokens() if self.state is not None else 0.0)
+
+    def token_slots(self, written: int, per_sample: bool = False):
+        """Token slots in use (merged slots excluded): for the layer, or per sample without padding."""
+        if not per_sample:
+            return self.prefill_slots - self.merged_slots + min(written, self.region)
+        kept = self.bias[:, :, self.merged_slots: self.prefill_slots]
+        return ((kept > -math.inf).sum(dim=-1).amax(dim=-1) + min(written, self.region)).tolist()
 
 
 class StaticCache:
@@ -307,6 +324,11 @@ class StaticCache:
 
     def after_step(self) -> None:
         self.written += 1
+
+    @property
+    def folded(self) -> bool:
+        """Whether the ratchet has folded a token yet."""
+        return self.ratchet is not None and self.written > self.ratchet
 
     @classmethod
     @torch.no_grad()
@@ -355,7 +377,7 @@ class StaticCache:
                 row += source.keys.shape[0]
             state = stack_states([source.state for source in sources])
             layers.append(StaticLayer(keys, values, bias, state, merged, merged + kept, region, ratchet is not None,
-                                      merges_slots, planned))
+                                      merges_slots, planned, max(source.merged_slots for source in sources)))
             for source in sources:  # the dynamic copy goes as soon as the static one exists
                 source.keys = source.values = source.bias = source.state = None
         return cls(layers, appended, ratchet)

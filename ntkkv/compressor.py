@@ -71,11 +71,13 @@ class Compressor:
         self._plans: dict = {}
         self._warned = False
 
+    def _length_matters(self, num_layers: int) -> bool:
+        """Only ratio budgets and PyramidKV's short-prompt fallback depend on the prompt's length."""
+        return self.policy.max_capacity_prompt_ratio is not None or len(set(self.policy.layer_budgets(num_layers))) > 1
+
     def plans(self, num_layers: int, head_dim: int, prompt_length: int | None = None) -> list[LayerPlan]:
         """The layers' plans for a prompt of `prompt_length` tokens, worked out once per length class."""
-        # only ratio budgets and PyramidKV's short-prompt fallback depend on the length
-        depends = self.policy.max_capacity_prompt_ratio is not None or len(set(
-            self.policy.layer_budgets(num_layers))) > 1
+        depends = self._length_matters(num_layers)
         key = (num_layers, head_dim, prompt_length if depends else None)
         if key not in self._plans:
             self._plans[key] = plan_layers(self.policy, self.summary, num_layers, head_dim,
@@ -94,7 +96,9 @@ class Compressor:
         grouped = queries.view(batch, kv_heads, -1, n, head_dim)
         inputs = SelectionInputs(grouped, keys, values, valid, scaling)
         if not self._per_sample(valid, layer_idx, num_layers, head_dim):
-            plan = self.plans(num_layers, head_dim, n)[layer_idx]
+            # a plan that depends on the prompt's length takes the longest real one, not the padded width
+            length = int(valid.sum(dim=-1).max()) if self._length_matters(num_layers) else n
+            plan = self.plans(num_layers, head_dim, length)[layer_idx]
             if n <= plan.exact:  # nothing to evict: the prompt stays whole (the summary may start a state)
                 nothing = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=keys.device)
                 summary = self._summarise(keys, values, nothing, plan, layer_idx)
@@ -115,7 +119,7 @@ class Compressor:
     def _per_sample(self, valid, layer_idx: int, num_layers: int, head_dim: int) -> bool:
         """Whether the samples of this batch get different plans from their own real lengths (ratio
         budgets; PyramidKV's uniform budget for a prompt shorter than its bottom layer's share)."""
-        if self.policy.max_capacity_prompt_ratio is None and len(set(self.policy.layer_budgets(num_layers))) == 1:
+        if not self._length_matters(num_layers):
             return False
         lengths = valid.sum(dim=-1).tolist()
         plans = {self.plans(num_layers, head_dim, int(length))[layer_idx] for length in lengths}

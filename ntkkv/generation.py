@@ -79,8 +79,23 @@ def cache_argument_name(module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
+STATIC_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SYNCING_ROPE = ("dynamic", "longrope")  # RoPE types that look at the positions on the host at each step
+
+
 def static_unsupported(model, generate_kwargs) -> str | None:
-    """Why these arguments need the dynamic path (None if the static path reproduces them)."""
+    """Why this model or these arguments need the dynamic path (None if the static path reproduces them)."""
+    if not any(cls.__name__ in STATIC_ARCHITECTURES for cls in type(model).__mro__):
+        return f"the model class {type(model).__name__} (its decode step is written for Llama, Mistral and Qwen2)"
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return f"a sliding window of {config.sliding_window} tokens"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in SYNCING_ROPE:
+        return f"RoPE type {rope.get('rope_type', rope.get('type'))!r}, which reads the positions on the host"
+    devices = set((getattr(model, "hf_device_map", None) or {}).values())
+    if len(devices) > 1 or devices & {"cpu", "disk"} or any(hasattr(module, "_hf_hook") for module in model.modules()):
+        return "a model split across devices or offloaded (device_map)"
     extra = sorted(set(generate_kwargs) - STATIC_ARGUMENTS)
     if extra:
         return f"generate argument(s) {', '.join(extra)}"
@@ -88,10 +103,10 @@ def static_unsupported(model, generate_kwargs) -> str | None:
         return "sampling or beam search (the static path decodes greedily)"
     if not generate_kwargs.get("max_new_tokens"):
         return "no max_new_tokens"
-    config = getattr(model, "generation_config", None)
+    generation_config = getattr(model, "generation_config", None)
     for name, inactive in LOGIT_PROCESSORS.items():
-        if getattr(config, name, None) not in inactive:
-            return f"the generation config's {name}={getattr(config, name)!r}"
+        if getattr(generation_config, name, None) not in inactive:
+            return f"the generation config's {name}={getattr(generation_config, name)!r}"
     return None
 
 
@@ -105,8 +120,9 @@ def generate(model, input_ids, attention_mask=None, stop_token_ids=None, prefill
         forward, which the patched attention compresses; the rest of the prompt (the question, the end of
         the template) is then read over the compressed cache, uncompressed, before generation starts.
         Left padding must lie within these first columns.
-    decode: "auto" (static on CUDA when the arguments allow, else dynamic), "static" or "dynamic" (see the
-        module's docstring). An unpatched model (full KV) goes through the static path with every token kept.
+    decode: "auto" (static on CUDA when the model and the arguments allow, else dynamic), "static" or
+        "dynamic" (see the module's docstring). The static path takes Llama, Mistral and Qwen2 on one device,
+        without a sliding window; an unpatched model (full KV) goes through it with every token kept.
     prefill_batch_size: static path only: prefill this many samples at a time (each compressed), then
         decode the whole batch together; a batch larger than one prefill fits in memory can then decode.
     cuda_graph: static path only: capture the decode step in a CUDA graph (None: on CUDA, unless a summary
@@ -151,7 +167,8 @@ def _generate_dynamic(model, input_ids, attention_mask, prefill_length, generate
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     kept = _kept_after_prompt([cache], [input_ids.shape[0]], attention_mask,
                               prompt_length - prefill_length if prefill_length else 0)
-    stops = set(generate_kwargs.get("eos_token_id") or _eos_ids(model))
+    stops = generate_kwargs.get("eos_token_id")
+    stops = {stops} if isinstance(stops, int) else set(stops or _eos_ids(model))
     new_tokens = [_cut_at_stop(row, stops) for row in sequences[:, prompt_length:].tolist()]
     state = [state_sizes(cache)] * input_ids.shape[0]
     return GenerationResult(sequences, new_tokens, kept, cache, output, state, "dynamic")
@@ -182,8 +199,8 @@ def _generate_static(model, input_ids, attention_mask, prefill_length, prefill_b
     batch, prompt_length = input_ids.shape
     max_new = int(generate_kwargs["max_new_tokens"])
     min_new = int(generate_kwargs.get("min_new_tokens") or 0)
-    stops = list(generate_kwargs.get("eos_token_id") or _eos_ids(model))
-    stops = [stops] if isinstance(stops, int) else stops
+    stops = generate_kwargs.get("eos_token_id")
+    stops = [stops] if isinstance(stops, int) else list(stops or _eos_ids(model))
     pad = generate_kwargs.get("pad_token_id")
     pad = pad if pad is not None else getattr(model.generation_config, "pad_token_id", None)
     pad = pad if pad is not None else (stops[0] if stops else 0)
@@ -216,7 +233,7 @@ def _generate_static(model, input_ids, attention_mask, prefill_length, prefill_b
     output = sequences
     if generate_kwargs.get("return_dict_in_generate"):
         output = StaticOutput(sequences, tuple(logits[:generated]) if logits is not None else None)
-    state = [[layer.state_tokens() for layer in static.layers]] * batch
+    state = [state_sizes(static)] * batch
     return GenerationResult(sequences, new_tokens, kept, static, output, state, "static")
 
 

@@ -59,8 +59,8 @@ def build_compressor(method: str | Policy | None = "snapkv", max_capacity_prompt
             max_capacity_prompt = DEFAULT_BUDGET
         policy = build_policy("fullkv" if method is None else method, max_capacity_prompt, **policy_options)
     summary = build_summary(summary, **summary_options)
-    if ratchet is not None and (not isinstance(ratchet, int) or isinstance(ratchet, bool) or ratchet < 0):
-        raise ValueError(f"ratchet must be a number of generated tokens ≥ 0 kept exact, or None, got {ratchet!r}")
+    if ratchet is not None and (not isinstance(ratchet, int) or isinstance(ratchet, bool) or ratchet < 1):
+        raise ValueError(f"ratchet must be a number of generated tokens ≥ 1 kept exact, or None, got {ratchet!r}")
     if policy is None:
         check_compression(None, summary, None)
         return None

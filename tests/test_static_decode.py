@@ -205,3 +205,107 @@ def test_decode_modes_and_arguments_the_static_path_cannot_reproduce():
     # auto is dynamic on the CPU (the reference), and takes what only generate can do
     result = ntkkv.generate(model, prompt, max_new_tokens=3, repetition_penalty=1.2)
     assert result.decode == "dynamic" and len(result.new_tokens[0]) == 3
+
+
+# -- what the review of the static path asked for --------------------------------------------------------
+
+def test_every_fold_updates_its_state_in_place():
+    """A captured decode step replays the tensors it was captured with: a fold that rebinds an attribute
+    to a new tensor would be lost after the first replay. Every state's fold must write in place."""
+    from ntkkv.summaries import LinearState, build_summary
+
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 2, 40, 16, generator=generator), torch.randn(1, 2, 40, 16, generator=generator)
+    evicted = torch.ones(1, 2, 40, dtype=torch.bool)
+    states = [build_summary(name, state_budget=80).summarise(keys, values, evicted, build_summary(
+        name, state_budget=80).plan(200, 16), 0).state for name in ("seed_taylor", "taylor2_lowrank", "merge_variance")]
+    states.append(Learned(80, features=learned_map()).summarise(
+        keys, values, evicted, Learned(80, features=learned_map()).plan(200, 16), 0).state)
+    linear = LinearState(lambda x, scaling: torch.nn.functional.elu(x * scaling**0.5) + 1)
+    linear.fold(keys, values, evicted.float())
+    states.append(linear)
+    for state in states:
+        before = {name: (value, value.clone()) for name, value in vars(state).items()
+                  if isinstance(value, torch.Tensor)}
+        state.fold(keys[:, :, :1] + 3.0, values[:, :, :1] + 3.0, torch.ones(1, 2, 1))
+        after = {name: value for name, value in vars(state).items() if isinstance(value, torch.Tensor)}
+        assert after.keys() == before.keys(), type(state).__name__
+        for name, (tensor, copy) in before.items():
+            assert after[name] is tensor, f"{type(state).__name__}.{name} was rebound"
+        assert any(not torch.equal(tensor, copy) for tensor, copy in before.values()), type(state).__name__
+
+
+def test_what_the_static_path_does_not_take_goes_dynamic():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    prompt = random_prompt(40)
+    config = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    cases = [(Qwen3ForCausalLM(config).eval(), "the model class Qwen3ForCausalLM")]
+    windowed = tiny_model("mistral")
+    windowed.config.sliding_window = 16
+    cases.append((windowed, "a sliding window of 16 tokens"))
+    split = tiny_model()
+    split.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1}
+    cases.append((split, "a model split across devices or offloaded"))
+    dynamic_rope = tiny_model()
+    dynamic_rope.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    cases.append((dynamic_rope, "RoPE type 'dynamic'"))
+    for model, reason in cases:
+        model.generation_config.pad_token_id = 0
+        with pytest.raises(ValueError, match=f"decode='static' cannot reproduce {reason}"):
+            ntkkv.generate(model, prompt, decode="static", max_new_tokens=3)
+        assert ntkkv.generate(model, prompt, max_new_tokens=3).decode == "dynamic"
+
+
+def test_a_ratchet_keeps_at_least_one_new_token():
+    with pytest.raises(ValueError, match="ratchet must be a number of generated tokens ≥ 1 kept exact, or None, got 0"):
+        with ntkkv.compress(tiny_model(), "snapkv", max_capacity_prompt=32, ratchet=0):
+            pass
+
+
+@pytest.mark.parametrize("options", [{}, {"summary": "merge", "state_budget": 8, "ratchet": 2}])
+def test_what_the_static_cache_holds_is_counted_as_the_dynamic_one(options):
+    """kv_lengths and state_sizes after generation: the static cache gives the dynamic cache's numbers
+    (merged slots reserved for the ratchet count once it has folded into them)."""
+    model = tiny_model()
+    prompt, mask = batch_with_padding()
+    with ntkkv.compress(model, "snapkv", max_capacity_prompt=64, **options):
+        for steps in (2, 9):
+            results = [ntkkv.generate(model, prompt[:, -40:], mask[:, -40:], decode=mode, max_new_tokens=steps,
+                                      min_new_tokens=steps) for mode in ("dynamic", "static")]
+            dynamic, static = (result.cache for result in results)
+            assert ntkkv.kv_lengths(static) == ntkkv.kv_lengths(dynamic)
+            assert ntkkv.kv_lengths(static, per_sample=True) == ntkkv.kv_lengths(dynamic, per_sample=True)
+            assert ntkkv.state_sizes(static) == ntkkv.state_sizes(dynamic)
+            assert results[0].state_tokens == results[1].state_tokens
+
+
+def test_pyramidkv_plans_by_the_longest_real_prompt_not_the_padded_width():
+    model = tiny_model()
+    prompt = random_prompt(60, batch=2, seed=5)
+    mask = torch.ones_like(prompt)
+    mask[:, :25] = 0  # every row starts with the same padding
+    with ntkkv.compress(model, "pyramidkv", max_capacity_prompt=32):
+        dynamic = ntkkv.generate(model, prompt, mask, decode="dynamic", **OPTIONS)
+        static = ntkkv.generate(model, prompt, mask, decode="static", **OPTIONS)
+        unpadded = ntkkv.generate(model, prompt[:, 25:], decode="dynamic", **OPTIONS)
+    assert_same(dynamic, static)
+    assert dynamic.kv_kept == unpadded.kv_kept and dynamic.new_tokens == unpadded.new_tokens
+
+
+def test_any_head_dim_and_an_integer_stop_token():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=24)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = 0
+    prompt = random_prompt(50)
+    with ntkkv.compress(model, "snapkv", max_capacity_prompt=20):
+        free = ntkkv.generate(model, prompt, decode="dynamic", max_new_tokens=8)
+        stop = free.new_tokens[0][3]
+        for mode in ("dynamic", "static"):
+            result = ntkkv.generate(model, prompt, decode=mode, max_new_tokens=8, eos_token_id=stop)
+            assert result.new_tokens[0] == free.new_tokens[0][: free.new_tokens[0].index(stop) + 1]

@@ -222,8 +222,10 @@ def merged_decode_attention(queries, keys, values, slot_bias, scaling, log_mass=
     _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean)
     head_dim = queries.shape[-1]
     if head_dim not in HEAD_DIMS:
-        raise ValueError(f"merged_decode_attention: head_dim {head_dim} is not supported; "
-                         f"it must be one of {', '.join(map(str, HEAD_DIMS))}")
+        if force_triton:
+            raise ValueError(f"merged_decode_attention: head_dim {head_dim} is not supported by the Triton kernels; "
+                             f"it must be one of {', '.join(map(str, HEAD_DIMS))}")
+        force_triton = False  # the plain-torch composition takes any head_dim
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"merged_decode_attention: num_splits must be at least 1, got {num_splits}")
     if not _takes_triton_path(queries, force_triton):

@@ -51,7 +51,8 @@ class SummaryState(Protocol):
     returns the log of their total weight and their weighted mean value."""
 
     def fold(self, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor) -> None:
-        """Add tokens: keys/values (batch, kv_heads, n, d), weights (batch, kv_heads, n) (0 = not added)."""
+        """Add tokens: keys/values (batch, kv_heads, n, d), weights (batch, kv_heads, n) (0 = not added).
+        In place, with no host synchronisation: the static decode path captures it in a CUDA graph."""
 
     def read(self, queries: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (batch, kv_heads, m, d) -> log_mass (batch, kv_heads, m), mean_value (batch, kv_heads, m, d)."""

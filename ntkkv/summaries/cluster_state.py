@@ -89,8 +89,9 @@ class ClusterState:
             self.numerator += joins[..., None, None] * (numerator_features.transpose(-1, -2) @ value)[:, :, None]
             if self.clamp:
                 first = (self.counts.sum(dim=-1) == 0)[..., None]
-                self.value_min = torch.where(first, value[:, :, 0], torch.minimum(self.value_min, value[:, :, 0]))
-                self.value_max = torch.where(first, value[:, :, 0], torch.maximum(self.value_max, value[:, :, 0]))
+                # in place: a captured decode step must update the tensors it was captured with
+                self.value_min.copy_(torch.where(first, value[:, :, 0], torch.minimum(self.value_min, value[:, :, 0])))
+                self.value_max.copy_(torch.where(first, value[:, :, 0], torch.maximum(self.value_max, value[:, :, 0])))
             self.counts.scatter_add_(-1, target[..., None], torch.ones_like(self.counts[..., :1]))
 
     # -- reading ------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ class LinearState:
         if self.numerator is None:
             self.numerator, self.normaliser = numerator, normaliser
         else:
-            self.numerator, self.normaliser = self.numerator + numerator, self.normaliser + normaliser
+            # in place: a captured decode step must update the tensors it was captured with
+            self.numerator.add_(numerator)
+            self.normaliser.add_(normaliser)
 
     def read(self, queries, scaling):
         if self.numerator is None:
