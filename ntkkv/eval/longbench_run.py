@@ -9,14 +9,13 @@ import dataclasses
 import datetime
 import logging
 import os
-import time
 
 import torch
-from tqdm import tqdm
 
 from ntkkv.eval import longbench
-from ntkkv.eval.batching import BatchSizer, left_pad
-from ntkkv.eval.jsonl import JsonlAppender, merge_parts, part_path, read_predictions
+from ntkkv.eval.batching import left_pad
+from ntkkv.eval.jsonl import merge_parts
+from ntkkv.eval.predict import append_predictions
 from ntkkv.generation import generate
 from ntkkv.patch import compress
 
@@ -122,57 +121,19 @@ def run_dataset(model, tokenizer, dataset, examples, output_path, settings, shar
 
     Returns the mean kept K/V entries per layer of each sample written.
     """
-    done_ids = {record.get("_id") for record in read_predictions(output_path, on_bad_line)}
-    pending = [example for example in shard.take(examples) if example["_id"] not in done_ids]
-    shard_size = len(shard.take(examples))
     max_new_tokens = settings.max_new_tokens or longbench.DATASET_MAX_NEW_TOKENS[dataset]
     max_prompt_tokens = longbench.max_prompt_length(model, max_new_tokens, settings.max_length)
     chat = longbench.uses_chat_template(dataset, tokenizer, settings.chat_template)
-    stop_ids = stop_ids_for(dataset, tokenizer, model)
-    prompt_ids = {
-        example["_id"]: longbench.build_prompt_ids(
-            tokenizer, longbench.format_prompt(dataset, example), max_prompt_tokens, chat
-        )
-        for example in pending
-    }
-    # longest first: batches of similar lengths pad little, and memory errors show at once
-    pending.sort(key=lambda example: -len(prompt_ids[example["_id"]]))
-    target = output_path if shard.world_size == 1 else part_path(output_path, shard.rank)
-    kept_means = []
-    progress = tqdm(total=shard_size, initial=shard_size - len(pending), desc=f"{dataset} {settings.method}",
-                    unit="sample", position=shard.rank, dynamic_ncols=True)
-    sizer = BatchSizer(settings.eval_batch_size, device=model.get_input_embeddings().weight.device)
-    lengths = [len(prompt_ids[example["_id"]]) for example in pending]
-    with JsonlAppender(target) as writer, progress:
-        start = 0
-        while start < len(pending):
-            size = sizer.next_size(lengths[start:])
-            batch = pending[start : start + size]
-            batch_ids = [prompt_ids[example["_id"]] for example in batch]
-            started = time.perf_counter()
-            sizer.start()
-            try:
-                predictions, answer_lengths, kv_kept, state_tokens, decode = generate_batch(
-                    model, tokenizer, batch_ids, settings, max_new_tokens, stop_ids
-                )
-            except torch.cuda.OutOfMemoryError:
-                sizer.out_of_memory(size)  # re-raises unless a smaller batch can be tried
-                logger.info("%d samples did not fit in memory: trying fewer", size)
-                continue
-            sizer.done(size, max(len(ids) for ids in batch_ids))
-            seconds = (time.perf_counter() - started) / len(batch)
-            for example, ids, prediction, answer_length, kept, state in zip(
-                batch, batch_ids, predictions, answer_lengths, kv_kept, state_tokens
-            ):
-                kept = [int(entries) for entries in kept]
-                # kv_state: memory (token equivalents) of merged slots and summary state standing for evicted tokens
-                writer.write({**example, "pred": prediction, "prompt_tokens": len(ids), "answer_tokens": answer_length,
-                              "kv_kept": kept, "kv_state": [round(float(n), 3) for n in state],
-                              "seconds": round(seconds, 3), "batch_size": len(batch), "decode": decode})
-                kept_means.append(sum(kept) / max(len(kept), 1))
-            progress.update(len(batch))
-            start += size
-    return kept_means
+
+    def prepare(pending):
+        return [(example, longbench.build_prompt_ids(tokenizer, longbench.format_prompt(dataset, example),
+                                                      max_prompt_tokens, chat))
+                for example in pending]
+
+    # generate_batch is looked up here, at each call, so that it can be replaced (tests interrupt it)
+    return append_predictions(model, tokenizer, examples, prepare, output_path, settings, max_new_tokens,
+                              stop_ids_for(dataset, tokenizer, model), generate_batch, shard, on_bad_line,
+                              desc=f"{dataset} {settings.method}")
 
 
 def init_distributed(shard):
