@@ -395,7 +395,24 @@ def test_batched_cells_give_the_unbatched_answers(tmp_path, essays, tiny):
     _, batched = _sweep(tmp_path / "b", essays, model, tokenizer, eval_batch_size=4)
     assert {r["batch_size"] for r in batched} == {4, 2}
     fields = ("context_length", "depth_percent", "prompt_length", "model_response", "kv_kept")
-    assert [[r[f] for f in fields] for r in batched] == [[r[f] for f in fields] for r in one_by_one]
+    key = lambda record: (record["context_length"], record["depth_percent"])  # noqa: E731
+    assert [[r[f] for f in fields] for r in sorted(batched, key=key)] == \
+        [[r[f] for f in fields] for r in sorted(one_by_one, key=key)]
+
+
+@pytest.mark.parametrize("method", ["fullkv", "snapkv"])
+def test_static_decode_and_an_automatic_batch_give_the_same_answers(tmp_path, essays, tiny, method):
+    model, tokenizer = tiny
+    budget = {"max_capacity_prompt": 64}
+    _, dynamic = _sweep(tmp_path / "a", essays, model, tokenizer, method=method, decode="dynamic", **budget)
+    _, static = _sweep(tmp_path / "b", essays, model, tokenizer, method=method, decode="static",
+                       eval_batch_size="auto", **budget)
+    assert {r["decode"] for r in dynamic} == {"dynamic"} and {r["decode"] for r in static} == {"static"}
+    assert {r["batch_size"] for r in static} == {4, 2}  # "auto" off the GPU: four at a time
+    fields = ("context_length", "depth_percent", "model_response", "kv_kept")
+    key = lambda record: (record["context_length"], record["depth_percent"])  # noqa: E731
+    assert [[r[f] for f in fields] for r in sorted(static, key=key)] == \
+        [[r[f] for f in fields] for r in sorted(dynamic, key=key)]
 
 
 # -- the question outside the compressed part ------------------------------------------
