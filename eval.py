@@ -2,14 +2,17 @@
 results.csv (methods × datasets, with the average) in the results folder, and the table printed.
 With --baseline METHOD, also each method against that one, sample by sample: the mean score
 difference and its 95% bootstrap interval (paired_vs_METHOD.csv), to tell a gain from noise.
+With --ruler, run_ruler.py's predictions as RULER scores them (string match), by method and length.
 
     python eval.py --results_dir results_longbench/smollm2_128 --baseline SnapKV
+    python eval.py --results_dir results_ruler/smollm2_128 --ruler
 """
 import argparse
 import logging
 import os
 import sys
 
+from ntkkv.eval import ruler
 from ntkkv.eval.jsonl import BAD_LINE_POLICIES, BadLineError
 from ntkkv.eval.scoring import compare_to_baseline, format_table, score_results, table_rows, write_csv
 
@@ -26,6 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("--on_bad_line", default="stop", choices=BAD_LINE_POLICIES)
     parser.add_argument("--baseline", help="a method name (its file name, e.g. SnapKV): compare every method "
                                            "with it on the samples both hold")
+    parser.add_argument("--ruler", action="store_true",
+                        help="score run_ruler.py's {length}/{task} folders (RULER's string match) instead")
     return parser.parse_args(argv)
 
 
@@ -33,20 +38,26 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        table = score_results(args.results_dir, args.longbench_e, args.fuzzy_matcher, args.on_bad_line)
+        if args.ruler:
+            table = ruler.score_results(args.results_dir, args.on_bad_line)
+        else:
+            table = score_results(args.results_dir, args.longbench_e, args.fuzzy_matcher, args.on_bad_line)
     except (OSError, BadLineError) as error:
         sys.exit(f"eval.py: error: {error}")
     if not table:
         layout = ".../{dataset}_e/{method}.json" if args.longbench_e else ".../{dataset}/{method}.json"
+        layout = ".../{length}/{task}/{method}.json" if args.ruler else layout
         sys.exit(f"eval.py: error: no prediction files under {args.results_dir!r} (expected {layout})")
-    header, rows = table_rows(table, args.longbench_e)
+    header, rows = ruler.table_rows(table) if args.ruler else table_rows(table, args.longbench_e)
     csv_path = os.path.join(args.results_dir, "results.csv")
     write_csv(csv_path, header, rows)
     print(format_table(header, rows))
-    print(f"\nwrote {csv_path} and metrics.json in each dataset folder")
+    print(f"\nwrote {csv_path} and metrics.json in each {'task' if args.ruler else 'dataset'} folder")
     if args.baseline:
         if args.longbench_e:
             sys.exit("eval.py: error: --baseline compares whole datasets; leave out --longbench_e")
+        if args.ruler:
+            sys.exit("eval.py: error: --baseline compares LongBench datasets; leave out --ruler")
         try:
             paired = compare_to_baseline(args.results_dir, args.baseline, args.fuzzy_matcher, args.on_bad_line)
         except (ValueError, BadLineError) as error:

@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import logging
 import os
+import time
 
 import torch
 
@@ -154,3 +155,15 @@ def finish(output_paths, shard, on_bad_line="stop"):
                 logger.info("merged the parts of %s (%d samples)", path, merged)
     if shard.world_size > 1:
         torch.distributed.barrier()
+
+
+def end_of_run(output_paths, shard, on_bad_line, method, label, folder, kept_means, started, what) -> str:
+    """Merge the ranks' parts, leave the process group, and return the run's one-line summary (`what`:
+    e.g. "over 3 tasks")."""
+    finish(output_paths, shard, on_bad_line)
+    rank_note = f"[rank {shard.rank}/{shard.world_size}] " if shard.world_size > 1 else ""
+    mean_kept = f"{sum(kept_means) / len(kept_means):.1f}" if kept_means else "n/a"
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return (f"{rank_note}{method} budget {label}: {len(kept_means)} new samples {what} in "
+            f"{(time.perf_counter() - started) / 60:.1f} min, mean kept K/V per layer {mean_kept} -> {folder}")

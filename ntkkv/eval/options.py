@@ -4,12 +4,21 @@ run's settings against the model's config before any weights load."""
 from __future__ import annotations
 
 import argparse
+import os
+import random
 from pathlib import Path
 
-from ntkkv.models import model_shape
+import numpy as np
+import torch
+
+from ntkkv.eval.batching import batch_size_setting
+from ntkkv.eval.jsonl import BAD_LINE_POLICIES
+from ntkkv.eval.longbench_run import GenerationSettings
+from ntkkv.generation import DECODE_MODES
+from ntkkv.models import ATTN_IMPLEMENTATIONS, load_config, model_shape
 from ntkkv.patch import OPTION_ALIASES, build_compressor
 from ntkkv.plan import check_compression
-from ntkkv.policies import canonical_name
+from ntkkv.policies import METHODS, canonical_name
 from ntkkv.summaries import SUMMARIES, canonical_summary
 
 SELECTION_FLAGS = ("window_size", "kernel_size", "pooling", "gqa_reduce")
@@ -110,3 +119,79 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+# -- what the prediction runners (run_longbench.py, run_ruler.py) share -------------------------------
+
+def add_model_arguments(parser, save_dir: str) -> None:
+    """The method, the model, the budget and where results go: PyramidKV's flags."""
+    parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)} (any case)")
+    parser.add_argument("--model_path", required=True, help="HF folder or hub id, a .gguf file, or 'smollm2'")
+    parser.add_argument("--model_name", help="results folder prefix (default: the path's last part, lower case)")
+    add_budget_argument(parser, 512, "memory per layer and KV head in token equivalents: K/V entries kept, "
+                                     "plus the summary's share with --summary (-1: use the ratio)")
+    parser.add_argument("--max_capacity_prompts_ratio", type=float, default=-1,
+                        help="budget as a share of each sample's prompt length (with --max_capacity_prompts -1)")
+    parser.add_argument("--attn_implementation", default="sdpa", choices=ATTN_IMPLEMENTATIONS)
+    parser.add_argument("--dtype", help="float32, bfloat16, float16 or auto (the checkpoint's); default: "
+                        "bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--device_map", help="default: auto with one process, this process's GPU with several")
+    parser.add_argument("--save_dir", default=save_dir)
+
+
+def add_generation_arguments(parser) -> None:
+    """Batching, the decode path, the compression and summary flags, and bad data lines."""
+    parser.add_argument("--eval_batch_size", type=batch_size_argument, default=1,
+                        help="samples per batch, or auto: the most that fit the GPU's memory, longest prompts first")
+    parser.add_argument("--use_cache", type=true_or_false, default=True)
+    parser.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                        help="auto: the static cache with CUDA-graph decode on a GPU (dynamic on the CPU); static; "
+                             "dynamic: model.generate over the compressed cache (the reference)")
+    add_compression_arguments(parser)
+    parser.add_argument("--on_bad_line", default="stop", choices=BAD_LINE_POLICIES,
+                        help="what a malformed JSON line in a data or prediction file does")
+
+
+def batch_size_argument(text):
+    try:
+        return batch_size_setting(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def set_seed(seed) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_model_name(model_path) -> str:
+    name = os.path.basename(str(model_path).rstrip("/"))
+    return (name[: -len(".gguf")] if name.endswith(".gguf") else name).lower()
+
+
+def default_device_map(shard):
+    """auto with one process (a model can spread over every GPU), this process's GPU with several."""
+    if not torch.cuda.is_available():
+        return None
+    return {"": shard.local_rank} if shard.world_size > 1 else "auto"
+
+
+def settings_from_args(args, **extra):
+    """The `GenerationSettings` of a runner's flags, checked: a budget given, a ratio budget with a summary
+    only one sample at a time, every method, budget and flag built. Then the same against the model's
+    config (its shape), read without the weights. Returns (settings, config). Raises ValueError or OSError."""
+    options = compression_options(args)
+    settings = GenerationSettings(
+        method=args.method, max_capacity_prompts=args.max_capacity_prompts,
+        max_capacity_prompts_ratio=args.max_capacity_prompts_ratio, eval_batch_size=args.eval_batch_size,
+        chat_template=not args.no_chat_template, use_cache=args.use_cache, decode=args.decode,
+        compress_kwargs=options, **extra)
+    ratio = settings.budget_options().get("max_capacity_prompt_ratio")  # refuses neither budget flag set
+    if ratio is not None and args.eval_batch_size != 1 and options.get("summary"):
+        raise ValueError("--max_capacity_prompts_ratio with a --summary needs --eval_batch_size 1 (each sample "
+                         "of a batch gets its own budget, and the summary's clusters must agree)")
+    check_run([args.method], [args.max_capacity_prompts], options, None, ratio)
+    config = load_config(args.model_path)
+    check_run([args.method], [args.max_capacity_prompts], options, config, ratio)
+    return settings, config
