@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 
-from ntkkv.eval import ruler
 from ntkkv.eval.jsonl import BAD_LINE_POLICIES, BadLineError
 from ntkkv.eval.scoring import compare_to_baseline, format_table, score_results, table_rows, write_csv
 
@@ -39,6 +38,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.ruler:
+            from ntkkv.eval import ruler  # only here: it loads torch, which LongBench's scoring does not need
+
             table = ruler.score_results(args.results_dir, args.on_bad_line)
         else:
             table = score_results(args.results_dir, args.longbench_e, args.fuzzy_matcher, args.on_bad_line)
@@ -48,7 +49,12 @@ def main(argv=None):
         layout = ".../{dataset}_e/{method}.json" if args.longbench_e else ".../{dataset}/{method}.json"
         layout = ".../{length}/{task}/{method}.json" if args.ruler else layout
         sys.exit(f"eval.py: error: no prediction files under {args.results_dir!r} (expected {layout})")
-    header, rows = ruler.table_rows(table) if args.ruler else table_rows(table, args.longbench_e)
+    if args.ruler:
+        from ntkkv.eval import ruler
+
+        header, rows = ruler.table_rows(table)
+    else:
+        header, rows = table_rows(table, args.longbench_e)
     csv_path = os.path.join(args.results_dir, "results.csv")
     write_csv(csv_path, header, rows)
     print(format_table(header, rows))

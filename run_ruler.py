@@ -17,6 +17,7 @@ import time
 import torch
 
 from ntkkv.eval import ruler
+from ntkkv.eval.jsonl import read_predictions
 from ntkkv.eval.longbench_run import Shard, budget_label, end_of_run, init_distributed
 from ntkkv.eval.options import (
     add_generation_arguments,
@@ -31,6 +32,8 @@ from ntkkv.eval.options import (
 )
 from ntkkv.models import load_model
 
+DEFAULT_SEED = 42
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +45,8 @@ def parse_args(argv=None):
                         help="context lengths in tokens: prompt (chat template included) plus the answer's room")
     parser.add_argument("--num_samples", type=positive_int, default=500,
                         help="samples per task and length (RULER's 500); with --data_dir, the file's first N")
-    parser.add_argument("--seed", type=int, default=42, help="the samples built: the same seed, the same samples")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="the samples built: the same seed, the same samples")
     parser.add_argument("--data_dir", help="read RULER files instead of building samples: a folder of "
                                            "{length}/{task}.jsonl files, as KVCache-Factory's data/RULER")
     parser.add_argument("--qa_dir", help="folder holding squad.json and hotpotqa.json, for qa_1 and qa_2")
@@ -67,6 +71,19 @@ def load_examples(args, tasks, lengths):
     return examples
 
 
+def file_label(args) -> str:
+    """The prediction file's name: the method and its summary, and the settings that change the samples
+    (seed, chat template, samples read from files), so that runs never mix in one file."""
+    parts = [run_label(args.method, compression_options(args))]
+    if args.seed != DEFAULT_SEED:
+        parts.append(f"seed{args.seed}")
+    if args.no_chat_template:
+        parts.append("nochat")
+    if args.data_dir:
+        parts.append("files")
+    return "_".join(parts)
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -82,22 +99,26 @@ def main(argv=None):
         if not args.data_dir:
             sources.check(tasks, args.num_samples)
         examples = load_examples(args, tasks, lengths)
+        label = budget_label(args.max_capacity_prompts, args.max_capacity_prompts_ratio)
+        model_name = args.model_name or default_model_name(args.model_path)
+        paths = {key: ruler.prediction_path(args.save_dir, model_name, label, *key, file_label(args))
+                 for key in examples}
         model, tokenizer = load_model(
             args.model_path, dtype=args.dtype, device_map=args.device_map or default_device_map(shard),
             attn_implementation=args.attn_implementation,
         )
-        if not args.data_dir:  # every task's smallest prompt fits every length, before anything is written
-            ruler.check_fits(tokenizer, tasks, lengths, settings.chat_template, sources, args.seed)
+        if not args.data_dir:  # every pending sample is built now: a length too short stops before any writing
+            for (length, task), stubs in examples.items():
+                done = {record.get("_id") for record in read_predictions(paths[length, task], args.on_bad_line)}
+                examples[length, task] = ruler.build_samples(tokenizer, task, length, stubs, settings.chat_template,
+                                                             sources, done)
     except (ImportError, OSError, ValueError) as error:
         sys.exit(f"run_ruler.py: error: {error}")
-    label = budget_label(args.max_capacity_prompts, args.max_capacity_prompts_ratio)
-    model_name = args.model_name or default_model_name(args.model_path)
     init_distributed(shard)
     started, kept_means, output_paths = time.perf_counter(), [], []
     with torch.inference_mode():
         for (length, task), task_examples in examples.items():
-            output_path = ruler.prediction_path(args.save_dir, model_name, label, length, task,
-                                                run_label(args.method, compression_options(args)))
+            output_path = paths[length, task]
             output_paths.append(output_path)
             try:
                 kept_means += ruler.run_task(model, tokenizer, task, length, task_examples, output_path, settings,

@@ -470,11 +470,12 @@ def test_kvcache_factory_files_are_read_with_their_answer_prefix_split_off(tmp_p
                                                    "length": 90}])
     first, second = ruler.read_task_file(ruler.data_file(tmp_path, 4096, "niah_single_1"), "niah_single_1", 4096)
     assert (first["input"], first["answer_prefix"], first["length"]) == (NIAH_INPUT, NIAH_PREFIX, 3181)
-    assert (first["_id"], first["task"], first["outputs"]) == ("niah_single_1-4096-0", "niah_single_1", ["1234567"])
+    assert (first["_id"], first["task"], first["outputs"]) == ("niah_single_1-4096-record1", "niah_single_1",
+                                                               ["1234567"])
     assert (second["input"], second["answer_prefix"]) == (NIAH_INPUT, NIAH_PREFIX)
-    assert second["_id"] == "niah_single_1-4096-1"
+    assert second["_id"] == "niah_single_1-4096-record2"
     (vt,) = ruler.read_task_file(ruler.data_file(tmp_path, 4096, "vt"), "vt", 4096)
-    assert (vt["input"], vt["answer_prefix"], vt["_id"]) == (VT_INPUT, VT_PREFIX, "vt-4096-7")
+    assert (vt["input"], vt["answer_prefix"], vt["_id"]) == (VT_INPUT, VT_PREFIX, "vt-4096-record1")
     assert ruler.split_answer_prefix("cwe", "no prefix here") == ("no prefix here", "")
     with pytest.raises(FileNotFoundError, match=r"no cwe.jsonl in '.*4096'; it holds: niah_single_1.jsonl, vt.jsonl"):
         ruler.data_file(tmp_path, 4096, "cwe")
@@ -613,17 +614,18 @@ def test_ruler_files_run_with_the_chat_template_or_without(model_dir, essays, ti
                            "--lengths", VT_LENGTH))
     run_cli(*cli_arguments(model_dir, essays, tmp_path / "raw", "--data_dir", files, "--tasks", "vt",
                            "--lengths", VT_LENGTH, "--no_chat_template", "--num_samples", 1))
-    chat = by_id(tmp_path / "chat" / "tiny_16" / str(VT_LENGTH) / "vt" / "SnapKV.json")
-    raw = by_id(tmp_path / "raw" / "tiny_16" / str(VT_LENGTH) / "vt" / "SnapKV.json")
-    assert sorted(chat) == [f"vt-{VT_LENGTH}-0", f"vt-{VT_LENGTH}-1"] and sorted(raw) == [f"vt-{VT_LENGTH}-0"]
+    chat = by_id(tmp_path / "chat" / "tiny_16" / str(VT_LENGTH) / "vt" / "SnapKV_files.json")
+    raw = by_id(tmp_path / "raw" / "tiny_16" / str(VT_LENGTH) / "vt" / "SnapKV_nochat_files.json")
+    assert sorted(chat) == [f"vt-{VT_LENGTH}-record1", f"vt-{VT_LENGTH}-record2"]
+    assert sorted(raw) == [f"vt-{VT_LENGTH}-record1"]
     for sample in samples:
-        written = chat[f"vt-{VT_LENGTH}-{sample['index']}"]
+        written = chat[f"vt-{VT_LENGTH}-record{sample['index'] + 1}"]
         assert (written["input"], written["answer_prefix"]) == (sample["input"], sample["answer_prefix"])
         assert (written["outputs"], written["length"]) == (sample["outputs"], 640)
         assert written["prompt_tokens"] == len(tokenizer(chat_prompt(sample["input"], sample["answer_prefix"]),
                                                          add_special_tokens=False)["input_ids"])
     raw_text = samples[0]["input"] + samples[0]["answer_prefix"]
-    assert raw[f"vt-{VT_LENGTH}-0"]["prompt_tokens"] == count(tokenizer, raw_text)
+    assert raw[f"vt-{VT_LENGTH}-record1"]["prompt_tokens"] == count(tokenizer, raw_text)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -735,3 +737,43 @@ def test_every_task_fills_4096_tokens_of_smollm2(smollm2):
         assert 4096 - unit < len(ids) + room <= 4096, task
         text = tokenizer.decode(ids)
         assert text.endswith("<|im_start|>assistant\n" + record["answer_prefix"]) and record["input"] in text
+
+
+def test_records_whose_index_repeats_are_all_kept(tmp_path):
+    """RULER's own niah files put the answer's offset in `index`, which repeats: records are told apart by
+    their place in the file."""
+    write_jsonl(tmp_path / "4096" / "niah_single_1.jsonl",
+                [{"index": 250, "input": NIAH_INPUT + NIAH_PREFIX, "outputs": [str(n)], "length": 4096}
+                 for n in range(3)])
+    records = ruler.read_task_file(ruler.data_file(tmp_path, 4096, "niah_single_1"), "niah_single_1", 4096)
+    assert len({record["_id"] for record in records}) == 3
+    write_jsonl(tmp_path / "4096" / "vt.jsonl", [{"index": 0, "input": "x", "outputs": []}])
+    with pytest.raises(ValueError, match=r"record 1's outputs must be a non-empty list of strings, got \[\]"):
+        ruler.read_task_file(tmp_path / "4096" / "vt.jsonl", "vt", 4096)
+    assert ruler.string_match_all("anything", []) == 0.0
+
+
+def test_runs_of_other_seeds_or_templates_go_to_their_own_files(model_dir, essays, tmp_path):
+    for extra in ([], ["--seed", "7"], ["--no_chat_template"]):
+        run_cli(*cli_arguments(model_dir, essays, tmp_path, "--tasks", "vt", "--lengths", VT_LENGTH,
+                               "--num_samples", 1, *extra))
+    folder = tmp_path / "tiny_16" / str(VT_LENGTH) / "vt"
+    assert sorted(path.name for path in folder.glob("*.json")) == ["SnapKV.json", "SnapKV_nochat.json",
+                                                                   "SnapKV_seed7.json"]
+    assert all(len(read_jsonl(path)) == 1 for path in folder.glob("*.json"))
+
+
+def test_every_pending_sample_is_built_before_anything_is_written(model_dir, essays, tmp_path, monkeypatch):
+    """A sample that cannot fit, even a later one of a later task, stops the run before any file exists."""
+    real = ruler.make_sample
+
+    def make_sample(tokenizer, task, length, index, *args, **kwargs):
+        if task == "niah_single_1" and index == 1:
+            raise ValueError("length 1200 is too short for niah_single_1 (simulated)")
+        return real(tokenizer, task, length, index, *args, **kwargs)
+
+    monkeypatch.setattr(ruler, "make_sample", make_sample)
+    with pytest.raises(SystemExit, match="too short for niah_single_1"):
+        run_cli(*cli_arguments(model_dir, essays, tmp_path, "--tasks", "vt,niah_single_1", "--lengths", VT_LENGTH,
+                               "--num_samples", 2))
+    assert not any(tmp_path.rglob("*.json"))

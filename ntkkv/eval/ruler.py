@@ -583,8 +583,10 @@ def check_task_names(tasks):
 
 def task_names(requested=None, qa_dir=None):
     """The tasks of a run: those requested, else RULER's 13 (the two QA tasks only with a QA folder)."""
-    if requested:
+    if requested is not None:
         tasks = [task.strip() for item in requested for task in str(item).split(",") if task.strip()]
+        if not tasks:
+            raise ValueError(f"--tasks names no task; choose from: {', '.join(TASKS)}")
         check_task_names(tasks)
         return list(dict.fromkeys(tasks))
     return list(TASKS) if qa_dir else list(SYNTHETIC_TASKS)
@@ -815,6 +817,14 @@ def sample_stubs(task, length, num_samples, seed=42):
             for index in range(num_samples)]
 
 
+def build_samples(tokenizer, task, length, stubs, chat_template=True, sources=None, done_ids=()):
+    """The records of the stubs' samples not in `done_ids`, built now: a length too short for any of them
+    raises ValueError before the run writes anything."""
+    chat = longbench.uses_chat_template(task, tokenizer, chat_template)
+    return [make_sample(tokenizer, task, length, stub["index"], stub["seed"], chat, sources)[0]
+            for stub in stubs if stub["_id"] not in done_ids]
+
+
 def check_fits(tokenizer, tasks, lengths, chat_template=True, sources=None, seed=42):
     """Raise ValueError if a task's smallest prompt does not fit a length (checked before anything is written)."""
     for length in lengths:
@@ -870,11 +880,15 @@ def read_task_file(path, task, length, on_bad_line="stop"):
         if missing:
             raise ValueError(f"{path}: record {line} lacks {', '.join(missing)}; RULER records need "
                              f"{', '.join(REQUIRED_KEYS)} (and index, length)")
+        outputs = record["outputs"]
+        if not isinstance(outputs, list) or not outputs or not all(isinstance(output, str) for output in outputs):
+            raise ValueError(f"{path}: record {line}'s outputs must be a non-empty list of strings, got {outputs!r}")
         record = {**record, "task": task}
         record.setdefault("index", line - 1)
         if "answer_prefix" not in record:
             record["input"], record["answer_prefix"] = split_answer_prefix(task, record["input"])
-        record["_id"] = f"{task}-{length}-{record['index']}"
+        # by position in the file: RULER's own `index` can repeat (its niah writes the answer's offset there)
+        record["_id"] = f"{task}-{length}-record{line}"
         records.append(record)
     return records
 
@@ -923,6 +937,8 @@ def run_task(model, tokenizer, task, length, examples, output_path, settings, sh
 
 def string_match_all(prediction, references):
     """The share of the references found in the prediction (case-insensitive): RULER's per-sample score."""
+    if not references:
+        return 0.0
     prediction = prediction.lower()
     return sum(reference.lower() in prediction for reference in references) / len(references)
 
