@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 import ntkkv
 from ntkkv.eval import longbench, longbench_run
 from ntkkv.eval.jsonl import existing_parts, read_jsonl, read_predictions
 from ntkkv.eval.longbench_run import GenerationSettings, Shard
+from tiny import load_script, save_chat_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over a lazy dog while five boxing wizards jump quickly".split()
@@ -43,17 +44,7 @@ def chatml_tokenizer():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-chat-llama")
-    tokenizer = chatml_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_chat_llama(tmp_path_factory.mktemp("tiny-chat-llama"), chatml_tokenizer(), max_positions=1024)
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +79,7 @@ def data_dir(tmp_path_factory):
 
 
 def run_script():
-    spec = importlib.util.spec_from_file_location("ntkkv_script_run_longbench", ROOT / "run_longbench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run_longbench.py")
 
 
 def run_cli(*arguments):

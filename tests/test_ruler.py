@@ -9,14 +9,14 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 import ntkkv
 from ntkkv.eval import longbench_run, ruler
 from ntkkv.eval.jsonl import read_jsonl
 from ntkkv.eval.longbench_run import GenerationSettings
+from tiny import load_script, save_chat_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = (
@@ -492,16 +492,7 @@ def test_kvcache_factory_files_are_read_with_their_answer_prefix_split_off(tmp_p
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-ruler-llama")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_chat_llama(tmp_path_factory.mktemp("tiny-ruler-llama"), tokenizer, max_positions=2048)
 
 
 @pytest.fixture(scope="module")
@@ -510,10 +501,7 @@ def tiny(model_dir):
 
 
 def run_script():
-    spec = importlib.util.spec_from_file_location("ntkkv_script_run_ruler", ROOT / "run_ruler.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("run_ruler.py")
 
 
 def run_cli(*arguments):
