@@ -24,7 +24,10 @@ logger = logging.getLogger(__name__)
 class CompressedKV:
     """keys, values (batch, kv_heads, slots, d): merged slots, then kept tokens in prompt order;
     bias (batch, kv_heads, slots) float32: log n for a merged slot, 0 for a token, -inf for padding;
-    state: the summary's state or None; merged_slots: how many slots come first; plan: the layer's."""
+    state: the summary's state or None; merged_slots: how many slots come first; plan: the layer's;
+    head_counts: (batch, kv_heads) slots each head really keeps when a head-wise policy gave the heads
+    different budgets (the others are padding slots in front of each head's row, bias -inf, which the
+    cache drops when it packs the heads), or None."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -32,6 +35,7 @@ class CompressedKV:
     state: object | None
     merged_slots: int
     plan: LayerPlan
+    head_counts: torch.Tensor | None = None
 
 
 def evicted_mask(kept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -45,11 +49,12 @@ def gather_tokens(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, indices[..., None].expand(-1, -1, -1, tensor.shape[-1]))
 
 
-def assemble(keys, values, kept, kept_bias, summarised: Summarised):
+def assemble(keys, values, kept, kept_bias, summarised: Summarised, kept_values=None):
     """The held slots of one layer: the summary's merged slots first, then the kept tokens in prompt
-    order (kept (batch, kv_heads, k) indices, kept_bias their bias). Returns (keys, values, bias,
-    number of merged slots)."""
-    kept_keys, kept_values = gather_tokens(keys, kept), gather_tokens(values, kept)
+    order (kept (batch, kv_heads, k) indices, kept_bias their bias; kept_values, if given, replace the
+    gathered values: a refitting summary's). Returns (keys, values, bias, number of merged slots)."""
+    kept_keys = gather_tokens(keys, kept)
+    kept_values = gather_tokens(values, kept) if kept_values is None else kept_values
     if summarised.slot_keys is None:
         return kept_keys, kept_values, kept_bias, 0
     return (torch.cat([summarised.slot_keys, kept_keys], dim=-2),
@@ -86,15 +91,15 @@ class Compressor:
 
     @torch.no_grad()
     def compress_layer(self, queries, keys, values, valid, layer_idx: int, num_layers: int,
-                       scaling: float) -> CompressedKV:
+                       scaling: float, scores=None, reference_queries=None) -> CompressedKV:
         """queries (batch, heads, n, d), keys/values (batch, kv_heads, n, d) after RoPE; valid (batch, n)
-        False at left padding."""
+        False at left padding; scores and reference_queries: see `SelectionInputs` (KVzip's)."""
         batch, kv_heads, n, head_dim = keys.shape
         bias = torch.zeros(batch, kv_heads, n, device=keys.device).masked_fill(~valid[:, None, :], -math.inf)
         if self.policy is None:
             return CompressedKV(keys, values, bias, None, 0, LayerPlan(n, n))
         grouped = queries.view(batch, kv_heads, -1, n, head_dim)
-        inputs = SelectionInputs(grouped, keys, values, valid, scaling)
+        inputs = SelectionInputs(grouped, keys, values, valid, scaling, scores, reference_queries)
         if not self._per_sample(valid, layer_idx, num_layers, head_dim):
             # a plan that depends on the prompt's length takes the longest real one, not the padded width
             length = int(valid.sum(dim=-1).max()) if self._length_matters(num_layers) else n
@@ -103,18 +108,27 @@ class Compressor:
                 nothing = torch.zeros(batch, kv_heads, n, dtype=torch.bool, device=keys.device)
                 summary = self._summarise(keys, values, nothing, plan, layer_idx)
                 return CompressedKV(keys, values, bias, summary.state, 0, plan)
-            kept, padded = self.policy.for_exact(plan.exact).select(inputs, layer_idx, plan.exact), None
+            kept, padded = self.policy.for_exact(plan.exact).select_heads(inputs, layer_idx, plan.exact)
         else:
             plan, kept, padded = self._select_per_sample(inputs, layer_idx, num_layers)
         window = min(self.policy.for_exact(plan.exact).window_size, n)
         window_queries = grouped[:, :, :, n - window:].reshape(batch, kv_heads, -1, head_dim)
-        summary = self._summarise(keys, values, evicted_mask(kept, valid), plan, layer_idx, window_queries, scaling)
+        evicted = evicted_mask(kept, valid)  # a padding slot repeats a kept token: nothing more is kept
+        summary = self._summarise(keys, values, evicted, plan, layer_idx, window_queries, scaling)
         # merged slots go first: generated tokens stay the last slots
         kept_bias = bias.gather(2, kept)
-        if padded is not None:  # a sample keeping fewer than the most
+        if padded is not None:  # a sample or head keeping fewer than the most
             kept_bias = kept_bias.masked_fill(padded, -math.inf)
-        held_keys, held_values, held_bias, merged = assemble(keys, values, kept, kept_bias, summary)
-        return CompressedKV(held_keys, held_values, held_bias, summary.state, merged, plan)
+        kept_values = None
+        if self.summary is not None and self.summary.refits_kept:
+            reference = inputs.reference_queries if inputs.reference_queries is not None else window_queries
+            kept_values, kept_bias = self.summary.refit(keys, values, kept, kept_bias, evicted, reference, scaling,
+                                                        layer_idx)
+        held_keys, held_values, held_bias, merged = assemble(keys, values, kept, kept_bias, summary, kept_values)
+        head_counts = None
+        if self.policy.head_wise:
+            head_counts = (~padded).sum(dim=-1) if padded is not None else kept.new_full(kept.shape[:2], kept.shape[-1])
+        return CompressedKV(held_keys, held_values, held_bias, summary.state, merged, plan, head_counts)
 
     def _per_sample(self, valid, layer_idx: int, num_layers: int, head_dim: int) -> bool:
         """Whether the samples of this batch get different plans from their own real lengths (ratio
@@ -144,18 +158,24 @@ class Compressor:
         if self.summary is not None and len({(plan.exact, plan.clusters) for plan in plans}) > 1:
             raise ValueError("ratio budgets with a summary need every sample of a batch to get the same budget: "
                              "run one sample at a time (eval_batch_size 1)")
-        counts = [min(plan.exact, n) for plan in plans]
-        most = max(counts)
-        rows, padded = [], torch.zeros(batch, kv_heads, most, dtype=torch.bool, device=inputs.keys.device)
-        for sample, exact in enumerate(counts):
+        selections = []
+        for sample, plan in enumerate(plans):
             one = SelectionInputs(*(t[sample: sample + 1] for t in (inputs.queries, inputs.keys, inputs.values,
-                                                                    inputs.valid)), inputs.scaling)
-            if exact < n:
-                kept = self.policy.for_exact(exact).select(one, layer_idx, exact)
+                                                                    inputs.valid)), inputs.scaling,
+                                  *(None if t is None else t[sample: sample + 1]
+                                    for t in (inputs.scores, inputs.reference_queries)))
+            if plan.exact < n:
+                selections.append(self.policy.for_exact(plan.exact).select_heads(one, layer_idx, plan.exact))
             else:
-                kept = torch.arange(n, device=inputs.keys.device).expand(1, kv_heads, n)
-            rows.append(torch.cat([kept[..., :1].expand(-1, -1, most - exact), kept], dim=-1))
-            padded[sample, :, : most - exact] = True
+                selections.append((torch.arange(n, device=inputs.keys.device).expand(1, kv_heads, n), None))
+        most = max(kept.shape[-1] for kept, _ in selections)
+        rows, padded = [], torch.zeros(batch, kv_heads, most, dtype=torch.bool, device=inputs.keys.device)
+        for sample, (kept, head_padded) in enumerate(selections):
+            width = kept.shape[-1]
+            rows.append(torch.cat([kept[..., :1].expand(-1, -1, most - width), kept], dim=-1))
+            padded[sample, :, : most - width] = True
+            if head_padded is not None:
+                padded[sample, :, most - width:] = head_padded[0]
         return max(plans, key=lambda plan: plan.exact), torch.cat(rows), padded
 
     def _summarise(self, keys, values, evicted, plan, layer_idx, window_queries=None, scaling=None) -> Summarised:

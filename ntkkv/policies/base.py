@@ -30,6 +30,10 @@ class SelectionInputs:
     keys, values: (batch, kv_heads, n, head_dim) after RoPE.
     valid: (batch, n) bool, False at left padding.
     scaling: the softmax scale (1/sqrt(head_dim) for these models).
+    scores: (batch, kv_heads, n) float, token scores worked out before the layer is compressed (KVzip's
+        reconstruction pass), or None: policies that score by themselves ignore it.
+    reference_queries: (batch, kv_heads, m, d) queries a fitted summary fits to instead of the observation
+        window's (KVzip's reconstruction queries), or None.
     """
 
     queries: torch.Tensor
@@ -37,6 +41,8 @@ class SelectionInputs:
     values: torch.Tensor
     valid: torch.Tensor
     scaling: float
+    scores: torch.Tensor | None = None
+    reference_queries: torch.Tensor | None = None
 
 
 @dataclass
@@ -63,6 +69,7 @@ class Policy:
 
     name: ClassVar[str] = ""
     pooled: ClassVar[bool] = True  # whether kernel_size/pooling apply
+    head_wise: ClassVar[bool] = False  # whether the KV heads of a layer keep different numbers of tokens
 
     def __post_init__(self):
         for field in ("window_size", "kernel_size"):
@@ -155,6 +162,14 @@ class Policy:
         top = scores.sort(dim=-1, descending=True, stable=True).indices[..., : exact_tokens - window]
         window_indices = torch.arange(n - window, n, device=top.device).expand(batch, kv_heads, window)
         return torch.cat([top, window_indices], dim=-1).sort(dim=-1).values
+
+
+    def select_heads(self, inputs: SelectionInputs, layer_idx: int, exact_tokens: int):
+        """(kept, padded): kept (batch, kv_heads, k) indices as `select` gives them, and padded (batch,
+        kv_heads, k) bool or None. A head-wise policy gives its heads different counts: each head's
+        row is its kept tokens ascending, with repeats of its first one in front as padding (`padded`
+        True there; the cache gives them bias -inf and drops them when it packs the heads)."""
+        return self.select(inputs, layer_idx, exact_tokens), None
 
 
 def window_attention(inputs: SelectionInputs, window: int) -> torch.Tensor:

@@ -63,10 +63,13 @@ class SummaryState(Protocol):
 
 class Summary:
     """Base of every summary. `merges_slots`: its output is merged slots, which the ratchet folds
-    new tokens into (the others fold into their state)."""
+    new tokens into (the others fold into their state). `refits_kept`: a summary at zero extra memory
+    that rewrites the kept slots' values and bias to stand for the evicted tokens too (`refit`)
+    instead of making slots or a state."""
 
     name: ClassVar[str] = ""
     merges_slots: ClassVar[bool] = False
+    refits_kept: ClassVar[bool] = False
 
     def plan(self, memory: int, head_dim: int, min_exact: int = 1) -> LayerPlan:
         raise NotImplementedError
@@ -79,6 +82,17 @@ class Summary:
         """Summarise the evicted tokens (evicted: (batch, kv_heads, n) bool) of one layer. The
         observation window's queries (batch, kv_heads, group·window, d) come along for the
         summaries that fit to them."""
+        raise NotImplementedError
+
+    def refit(self, keys, values, kept, kept_bias, evicted, queries, scaling, layer_idx: int):
+        """For `refits_kept` summaries: the kept slots' new values and bias.
+
+        keys, values (batch, kv_heads, n, d): the layer's whole prompt; kept (batch, kv_heads, k) the
+        kept tokens' indices, ascending; kept_bias (batch, kv_heads, k) float32 (0 a token, -inf a
+        padding slot, which must stay -inf); evicted (batch, kv_heads, n) bool; queries (batch,
+        kv_heads, m, d) the reference queries (the observation window's, or KVzip's reconstruction
+        queries); scaling the softmax scale. Returns (values (batch, kv_heads, k, d) in values' dtype,
+        bias (batch, kv_heads, k) float32)."""
         raise NotImplementedError
 
 
