@@ -34,7 +34,7 @@ from ntkkv.models import load_model, model_shape
 from ntkkv.ops import reference_attention, slot_logit_bias
 from ntkkv.patch import build_compressor
 from ntkkv.plan import check_compression
-from ntkkv.summaries import Exact
+from ntkkv.summaries import Exact, refits_kept
 from ntkkv.training import capture_attention
 
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=["snapkv", "pyramidkv"])
     parser.add_argument("--summaries", "--kernels", dest="summaries", nargs="+",
                         default=["none", "merge", "merge:position", "taylor1", "taylor2_diag", "taylor2_lowrank",
-                                 "seed_taylor", "exact"],
+                                 "seed_taylor", "fitted", "exact"],
                         help="summary names; 'NAME:position' clusters by position; 'learned' needs --summary_path")
     parser.add_argument("--state_budgets", type=float, nargs="+", default=[0.125, 0.25, 0.5])
     parser.add_argument("--rank", type=int, default=None, help="taylor2_lowrank's rank")
@@ -69,6 +69,9 @@ def configurations(args):
             name, _, cluster_by = entry.partition(":")
             if name in ("none", "exact"):
                 rows.append((method, name, {"summary": Exact() if name == "exact" else None}))
+                continue
+            if refits_kept(name):  # fitted, cam: they rewrite the kept slots, no state share to sweep
+                rows.append((method, name, {"summary": name}))
                 continue
             for state_budget in args.state_budgets:
                 options = {"summary": name, "state_budget": state_budget}
@@ -122,11 +125,12 @@ def compressed_outputs(compressor, model, activations, prompt_length):
         memory.append(cache_layer.real_slots_per_sample()[0] + cache_layer.state_tokens())
         group = heads // kv_heads
         last = layer.queries[:, :, prompt_length - 1 : prompt_length].reshape(batch, kv_heads, group, head_dim)
-        last_output = merged_attention(last, cache_layer, layer.scaling, 1)
+        last_output = merged_attention(last, *cache_layer.attention_inputs(), cache_layer.state, layer.scaling, 1)
         cache_layer.update(layer.keys[:, :, prompt_length:], layer.values[:, :, prompt_length:])
         answer = n - prompt_length
         decode = layer.queries[:, :, prompt_length:].reshape(batch, kv_heads, group * answer, head_dim)
-        decode_output = merged_attention(decode, cache_layer, layer.scaling, answer)
+        decode_output = merged_attention(decode, *cache_layer.attention_inputs(), cache_layer.state, layer.scaling,
+                                         answer)
         # back to the layout of full_outputs: per KV head, each query head's [last, answer...] rows
         joined = torch.cat([last_output.view(batch, kv_heads, group, 1, head_dim),
                             decode_output.view(batch, kv_heads, group, answer, head_dim)], dim=3)

@@ -4,6 +4,16 @@
     python benchmarks/check_decode_attention.py --batches 1 --slots 8192 --repeats 200
     python benchmarks/check_decode_attention.py --flex               # and FlexAttention, the other candidate
     python benchmarks/check_decode_attention.py --device cpu --interpret   # tiny run in Triton's interpreter
+    python benchmarks/check_decode_attention.py --ragged --batches 1 8 --slots 1024 8192 32768
+
+--ragged times the ragged layout (each KV head its own number of slots, the heads of a sample one
+after another in one flat run) against the uniform one holding the same total: uniform (b, hkv, S);
+ragged with the total split unevenly (per sample, a floor of 20% of the mean per head and the rest in
+Dirichlet(1) shares, fixed seed: how AdaKV's allocations look); ragged split evenly (S per head); and
+the uniform kernel over every head padded to the longest (bias -inf), what a ragged cache saves.
+Each time is the median µs of one call replayed from a CUDA graph, over enough copies of the cache
+(one per call, as layers) that they do not stay in L2. Errors: ragged kernel against the ragged
+reference, same bar as above. Nothing else runs in this mode.
 
 --flex times the alternative the decode path could have used: torch's FlexAttention (compiled),
 the slot bias as a score_mod, its log-sum-exp merged with the state as the reference merges it; its
@@ -48,6 +58,8 @@ def parse_args():
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention with the bias as a score_mod")
     parser.add_argument("--split-sweep", action="store_true",
                         help="also time the Triton path at forced split counts, to check the automatic choice")
+    parser.add_argument("--ragged", action="store_true",
+                        help="only time the ragged layout (uneven and even heads) against the uniform one; check it")
     args = parser.parse_args()
     if args.device == "cpu" and not args.interpret:
         parser.error("--device cpu needs --interpret: compiled Triton kernels run on CUDA only")
@@ -57,6 +69,8 @@ def parse_args():
         parser.error("--interpret runs on CPU tensors: add --device cpu")
     if args.flex and args.device == "cpu":
         parser.error("--flex needs CUDA: torch.compile does not build FlexAttention's log-sum-exp for the CPU")
+    if args.ragged and (args.flex or args.split_sweep):
+        parser.error("--ragged is a mode of its own: leave out --flex and --split-sweep")
     return args
 
 
@@ -223,6 +237,116 @@ def split_sweep_table(fast, args):
             print(f"| {batch} | {num_slots} | " + " | ".join(f"{ms:.3f}" for ms in cells) + " |")
 
 
+def uneven_head_counts(batch, kv_heads, slots_per_head, seed=0, floor_share=0.2):
+    """(batch, kv_heads) slot counts, each sample's summing to kv_heads * slots_per_head: every head at least
+    floor_share of the mean, the rest shared out in Dirichlet(1) proportions (normalised exponentials)."""
+    generator = torch.Generator().manual_seed(seed)
+    floor = int(floor_share * slots_per_head)
+    rest = kv_heads * (slots_per_head - floor)
+    draws = torch.empty(batch, kv_heads, dtype=torch.float64).exponential_(generator=generator)
+    shares = draws / draws.sum(1, keepdim=True) * rest
+    counts = shares.floor().long()
+    # the slots the rounding down left over go to the largest remainders: every sample holds the same total
+    leftover = rest - counts.sum(1, keepdim=True)
+    order = (shares - counts).argsort(1, descending=True)
+    counts.scatter_add_(1, order, (torch.arange(kv_heads)[None] < leftover).long())
+    return counts + floor
+
+
+def flat_starts(counts):
+    """Each head's first slot when the heads of a sample lie one after another."""
+    return counts.cumsum(1) - counts
+
+
+def ragged_layouts(dtype, args, batch, slots_per_head, copies):
+    """`copies` caches of one flat run of kv_heads * S slots per sample, each read as: uniform (b, hkv, S, d);
+    ragged split unevenly; ragged split evenly; and padded (the uneven heads, each padded to the longest)."""
+    device, kv_heads, head_dim = args.device, args.kv_heads, args.head_dim
+    total = kv_heads * slots_per_head
+    counts = uneven_head_counts(batch, kv_heads, slots_per_head)
+    even = torch.full((batch, kv_heads), slots_per_head)
+    longest = int(counts.max())
+    generator = torch.Generator(device=device).manual_seed(1)
+    queries = torch.randn(batch, kv_heads, args.group, head_dim, generator=generator, device=device).to(dtype)
+    layouts = {"uniform": [], "uneven": [], "even": [], "padded": []}
+    for _ in range(copies):
+        keys, values = (torch.randn(batch, total, head_dim, generator=generator, device=device).to(dtype)
+                        for _ in range(2))
+        # a fifth of the slots padding, a fifth standing for 2..8 merged tokens, as make_case draws them
+        draw = torch.rand(batch, total, generator=generator, device=device)
+        merged_sizes = torch.randint(2, 9, (batch, total), generator=generator, device=device).float()
+        bias = torch.where(draw < 0.2, -math.inf, torch.where(draw < 0.4, merged_sizes.log(), 0.0))
+        common = {"queries": queries, "scaling": head_dim**-0.5}
+        layouts["uniform"].append(common | {"keys": keys.view(batch, kv_heads, slots_per_head, head_dim),
+                                            "values": values.view(batch, kv_heads, slots_per_head, head_dim),
+                                            "slot_bias": bias.view(batch, kv_heads, slots_per_head)})
+        for name, used in (("uneven", counts), ("even", even)):
+            layouts[name].append(common | {"keys": keys, "values": values, "slot_bias": bias,
+                                           "head_starts": flat_starts(used).to(device), "head_used": used.to(device),
+                                           "max_head_slots": int(used.max())})
+        padded_keys = keys.new_zeros(batch, kv_heads, longest, head_dim)
+        padded_values = torch.zeros_like(padded_keys)
+        padded_bias = torch.full((batch, kv_heads, longest), -math.inf, device=device)
+        for b, (starts, used) in enumerate(zip(flat_starts(counts).tolist(), counts.tolist())):
+            for h, (start, count) in enumerate(zip(starts, used)):
+                padded_keys[b, h, :count] = keys[b, start:start + count]
+                padded_values[b, h, :count] = values[b, start:start + count]
+                padded_bias[b, h, :count] = bias[b, start:start + count]
+        layouts["padded"].append(common | {"keys": padded_keys, "values": padded_values, "slot_bias": padded_bias})
+    return layouts, longest
+
+
+def graph_median_us(fast, cases, args):
+    """Median µs of one call: on CUDA a graph of one call per case (each case its own memory, as layers are)
+    replayed; on CPU the calls one after another."""
+    calls = [functools.partial(fast, **case, force_triton=True) for case in cases]
+
+    def run_all():
+        for call in calls:
+            call()
+
+    if args.device != "cuda":
+        return median_ms(run_all, args.repeats, args.warmup, args.device) * 1e3 / len(calls)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm outside the capture, on a side stream as graphs want
+        run_all()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_all()
+    return median_ms(graph.replay, args.repeats, args.warmup, args.device) * 1e3 / len(calls)
+
+
+def ragged_table(fast, reference, args):
+    """Uniform against ragged (uneven, even) and padded, per (batch, S); returns the number of failed checks."""
+    dtype = DTYPES[args.dtype]
+    print(f"\n## ragged layout: hkv {args.kv_heads}, group {args.group}, d {args.head_dim}, {args.dtype} K/V, "
+          f"no state; median µs of one call over {args.repeats} replays after {args.warmup}\n")
+    print("| batch | S per head | longest head | uniform µs | ragged uneven µs | uneven / uniform | "
+          "ragged even µs | even / uniform | padded µs | padded / uniform | error uneven | error even |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    failures = 0
+    for batch in args.batches:
+        for slots_per_head in args.slots:
+            # enough copies that one replay reads more than L2 holds (H200: 60 MB), 32 at most
+            cache_bytes = 2 * batch * args.kv_heads * slots_per_head * args.head_dim * dtype.itemsize
+            copies = 1 if args.device != "cuda" else max(1, min(32, math.ceil(256e6 / cache_bytes)))
+            layouts, longest = ragged_layouts(dtype, args, batch, slots_per_head, copies)
+            times = {name: graph_median_us(fast, cases, args) for name, cases in layouts.items()}
+            errors = []
+            for name in ("uneven", "even"):
+                case = layouts[name][0]
+                errors.append(relative_error(fast(**case, force_triton=True), reference(**case)))
+            failures += sum(error > TOLERANCE[dtype] for error in errors)
+            ratios = {name: times[name] / times["uniform"] for name in ("uneven", "even", "padded")}
+            print(f"| {batch} | {slots_per_head} | {longest} | {times['uniform']:.1f} | {times['uneven']:.1f} | "
+                  f"{ratios['uneven']:.2f} | {times['even']:.1f} | {ratios['even']:.2f} | {times['padded']:.1f} | "
+                  f"{ratios['padded']:.2f} | {errors[0]:.1e} | {errors[1]:.1e} |")
+            del layouts
+    return failures
+
+
 def main():
     args = parse_args()
     if args.interpret:
@@ -237,6 +361,10 @@ def main():
     fast, reference = merge_triton.merged_decode_attention, merge_triton.merged_decode_attention_reference
     card = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (Triton interpreter)"
     print(f"device: {card}; torch {torch.__version__}, triton {merge_triton.triton.__version__}")
+    if args.ragged:
+        failures = ragged_table(fast, reference, args)
+        print(f"\n{failures} ragged case(s) over the bar {TOLERANCE[DTYPES[args.dtype]]:.0e}")
+        sys.exit(1 if failures else 0)
     failures = 0
     if not args.skip_accuracy:
         failures = accuracy_table(fast, reference, args.device, args.interpret)

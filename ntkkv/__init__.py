@@ -13,9 +13,10 @@ _EXPORTS = {
     "CompressedCache": "cache", "CompressedLayer": "cache", "kv_lengths": "cache", "state_sizes": "cache",
     "GenerationResult": "generation", "generate": "generation", "load_model": "models",
     "METHODS": "policies", "SnapKV": "policies", "PyramidKV": "policies", "H2O": "policies",
-    "StreamingLLM": "policies",
+    "StreamingLLM": "policies", "AdaKV": "policies", "AdaPyramidKV": "policies", "HeadKV": "policies",
+    "KVzip": "policies", "PyramidKVzip": "policies",
     "SUMMARIES": "summaries", "Merge": "summaries", "MergeVariance": "summaries", "Taylor": "summaries",
-    "SeedTaylor": "summaries", "Learned": "summaries",
+    "SeedTaylor": "summaries", "Learned": "summaries", "Fitted": "summaries", "CAM": "summaries",
 }
 __all__ = sorted(_EXPORTS)
 

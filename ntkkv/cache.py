@@ -18,6 +18,63 @@ from transformers.cache_utils import CacheLayerMixin, DynamicCache
 from .summaries.merge import fold_into_merged_slots
 
 
+class RaggedPrefix:
+    """The prefill's kept tokens of a layer whose KV heads keep different numbers (head-wise policies),
+    packed without padding: per sample, head after head in one run.
+
+    keys, values (batch, width, d); bias (batch, width) float32 (-inf past a sample's last head);
+    starts, counts (batch, kv_heads) long: head h of sample b holds slots [starts, starts + counts);
+    most: the largest count (host side).
+    """
+
+    def __init__(self, keys, values, bias, starts, counts, most: int):
+        self.keys, self.values, self.bias = keys, values, bias
+        self.starts, self.counts, self.most = starts, counts, most
+
+    @classmethod
+    def pack(cls, keys, values, bias, head_counts) -> RaggedPrefix:
+        """From the compressor's padded rows: keys, values (batch, kv_heads, k, d) and bias (batch, kv_heads, k),
+        where head h of sample b keeps its last head_counts[b, h] slots (the ones in front are padding)."""
+        batch, kv_heads, k, head_dim = keys.shape
+        counts = head_counts.to(device=keys.device, dtype=torch.long)
+        starts = counts.cumsum(dim=-1) - counts
+        width = int(counts.sum(dim=-1).max())
+        slot = torch.arange(k, device=keys.device)
+        keep = slot >= (k - counts)[..., None]  # (batch, kv_heads, k)
+        target = (starts[..., None] + slot - (k - counts)[..., None]).masked_fill(~keep, width)  # width: discarded
+        target = target.flatten(1)
+        packed_keys = keys.new_zeros(batch, width + 1, head_dim)
+        packed_values = values.new_zeros(batch, width + 1, head_dim)
+        packed_bias = bias.new_full((batch, width + 1), -math.inf, dtype=torch.float32)
+        packed_keys.scatter_(1, target[..., None].expand(-1, -1, head_dim), keys.flatten(1, 2))
+        packed_values.scatter_(1, target[..., None].expand(-1, -1, head_dim), values.flatten(1, 2))
+        packed_bias.scatter_(1, target, bias.float().flatten(1))
+        return cls(packed_keys[:, :width], packed_values[:, :width], packed_bias[:, :width], starts, counts,
+                   int(counts.max()))
+
+    def padded(self):
+        """(keys, values (batch, kv_heads, most, d), bias (batch, kv_heads, most)): each head's slots padded to
+        the largest count with bias -inf; a transient view for the plain-torch attention path."""
+        batch, kv_heads = self.starts.shape
+        slot = torch.arange(self.most, device=self.keys.device)
+        inside = slot < self.counts[..., None]
+        index = (self.starts[..., None] + slot).clamp(max=max(self.keys.shape[1] - 1, 0)).flatten(1)
+        head_dim = self.keys.shape[-1]
+        keys = self.keys.gather(1, index[..., None].expand(-1, -1, head_dim)).view(batch, kv_heads, self.most, -1)
+        values = self.values.gather(1, index[..., None].expand(-1, -1, head_dim)).view(batch, kv_heads, self.most, -1)
+        bias = self.bias.gather(1, index).view(batch, kv_heads, self.most).masked_fill(~inside, -math.inf)
+        return keys, values, bias
+
+    def real_tokens(self) -> torch.Tensor:
+        """(batch,) slots holding a real token (bias > -inf)."""
+        return (self.bias > -math.inf).sum(dim=-1)
+
+    def select(self, indices) -> RaggedPrefix:
+        """The samples at `indices` (a batch reorder, repeat or selection)."""
+        return RaggedPrefix(self.keys[indices], self.values[indices], self.bias[indices], self.starts[indices],
+                            self.counts[indices], self.most)
+
+
 class CompressedLayer(CacheLayerMixin):
     """keys, values: (batch, kv_heads, slots, head_dim).
     bias: (batch, kv_heads, stored slots) float32 added to the attention logits: 0 for a token,
@@ -27,6 +84,8 @@ class CompressedLayer(CacheLayerMixin):
     logical_length: tokens this layer has seen (prompt + generated).
     state: a summary state standing for evicted tokens (`ntkkv.summaries.SummaryState`), or None.
     merged_slots: the first slots stand for merged evicted tokens (bias log n), not for one token each.
+    ragged: with a head-wise policy, the prefill's kept tokens packed per head (`RaggedPrefix`); `keys` and
+        `values` then hold only the tokens appended after the prefill, the same number for every head.
     """
 
     is_sliding = False
@@ -43,6 +102,7 @@ class CompressedLayer(CacheLayerMixin):
         self.prefill_tokens: list[int] = []  # token slots each sample kept at the prefill
         self.selected = False  # True once a method has chosen what this layer keeps
         self.masked = False  # any slot with a non-zero bias; kept on the host so decode never syncs
+        self.ragged: RaggedPrefix | None = None
 
     def lazy_initialization(self, key_states, value_states):
         self.device = key_states.device
@@ -53,6 +113,12 @@ class CompressedLayer(CacheLayerMixin):
         self.lazy_initialization(compressed.keys, compressed.values)
         self.keys, self.values, self.bias = compressed.keys, compressed.values, compressed.bias.float()
         self.masked = bool((self.bias != 0).any())
+        self.ragged = None
+        if compressed.head_counts is not None:
+            self.ragged = RaggedPrefix.pack(self.keys, self.values, self.bias, compressed.head_counts)
+            self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+            self.bias = self.bias[:, :, :0]
+            self.masked = True
         self.logical_length = logical_length
         self.state, self.merged_slots = compressed.state, compressed.merged_slots
         self.planned_clusters = compressed.plan.clusters
@@ -60,7 +126,7 @@ class CompressedLayer(CacheLayerMixin):
         self.prefill_tokens = self.real_slots_per_sample()
 
     def appended_slots(self) -> int:
-        return self.num_slots() - self.bias.shape[-1]
+        return self.keys.shape[-2] - self.bias.shape[-1]
 
     def pop_oldest_appended(self, count: int):
         """Remove the `count` oldest appended slots and return their keys and values (the ratchet)."""
@@ -121,8 +187,17 @@ class CompressedLayer(CacheLayerMixin):
 
     def slot_bias(self) -> torch.Tensor:
         """(batch, kv_heads, slots): the bias of every slot, appended ones included."""
-        appended = self.num_slots() - self.bias.shape[-1]
+        appended = self.appended_slots()
         return torch.nn.functional.pad(self.bias, (0, appended)) if appended else self.bias
+
+    def attention_inputs(self):
+        """(keys, values, bias) over every slot for the plain attention path, (batch, kv_heads, slots, ·): the
+        held tensors themselves, or with a ragged prefix a padded copy of it followed by the appended tokens."""
+        if self.ragged is None:
+            return self.keys, self.values, self.slot_bias()
+        keys, values, bias = self.ragged.padded()
+        return (torch.cat([keys, self.keys], dim=-2), torch.cat([values, self.values], dim=-2),
+                torch.cat([bias, self.slot_bias()], dim=-1))
 
     def get_seq_length(self) -> int:
         return self.logical_length
@@ -135,18 +210,28 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def num_slots(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[-2]
+        """Slots held per KV head (with a ragged prefix: the packed slots shared out over the heads)."""
+        if self.keys is None:
+            return 0
+        return self.keys.shape[-2] + (self.ragged_slots_per_head() if self.ragged is not None else 0)
+
+    def ragged_slots_per_head(self) -> int:
+        return math.ceil(self.ragged.keys.shape[1] / self.ragged.starts.shape[1])
 
     def real_slots_per_sample(self) -> list[int]:
         """Token slots of each sample that are not padding, the most over its KV heads (merged
-        slots are counted by `state_tokens`, not here)."""
+        slots are counted by `state_tokens`, not here); with a ragged prefix, its real tokens shared out
+        over the heads (rounded up): what they cost in memory."""
         if self.bias is None:
             return []
+        if self.ragged is not None:
+            heads = self.ragged.starts.shape[1]
+            return [math.ceil(real / heads) + self.appended_slots() for real in self.ragged.real_tokens().tolist()]
         tokens = self.bias[:, :, self.merged_slots :]
         return ((tokens > -math.inf).sum(dim=-1).amax(dim=-1) + self.appended_slots()).tolist()
 
     def reset(self) -> None:
-        self.keys = self.values = self.bias = self.state = None
+        self.keys = self.values = self.bias = self.state = self.ragged = None
         self.logical_length = self.merged_slots = self.planned_clusters = 0
         self.prefill_tokens = []
         self.is_initialized = self.selected = self.masked = False
@@ -157,6 +242,8 @@ class CompressedLayer(CacheLayerMixin):
             self.keys = self.keys.index_select(0, beam_idx)
             self.values = self.values.index_select(0, beam_idx)
             self.bias = self.bias.index_select(0, beam_idx)
+        if self.ragged is not None:
+            self.ragged = self.ragged.select(beam_idx.to(self.ragged.keys.device))
         if self.state is not None:
             raise NotImplementedError("beam search with a summary state is not supported")
 
@@ -165,10 +252,15 @@ class CompressedLayer(CacheLayerMixin):
             self.keys = self.keys.repeat_interleave(repeats, dim=0)
             self.values = self.values.repeat_interleave(repeats, dim=0)
             self.bias = self.bias.repeat_interleave(repeats, dim=0)
+        if self.ragged is not None:
+            rows = torch.arange(self.ragged.keys.shape[0], device=self.ragged.keys.device)
+            self.ragged = self.ragged.select(rows.repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.keys is not None:
             self.keys, self.values, self.bias = self.keys[indices], self.values[indices], self.bias[indices]
+        if self.ragged is not None:
+            self.ragged = self.ragged.select(indices)
 
 
 class CompressedCache(DynamicCache):
@@ -282,6 +374,85 @@ class StaticLayer:
         return ((kept > -math.inf).sum(dim=-1).amax(dim=-1) + min(written, self.region)).tolist()
 
 
+class RaggedStaticLayer(StaticLayer):
+    """A static layer whose KV heads keep different numbers of prefill tokens (head-wise policies).
+
+    keys, values (batch, width, d) and bias (batch, width) hold, per sample, head after head, each head's
+    kept tokens followed by its own region of `region` slots for new tokens: head h of sample b starts at
+    head_starts[b, h] and keeps head_counts[b, h] tokens; its next token goes to head_starts + head_counts
+    + count % region (`StaticCache.ragged_slots`). No head is padded to the largest: the memory is the
+    heads' total, not kv_heads times the largest. Head-wise policies take no summary state, so a full
+    ring simply overwrites its oldest token.
+    """
+
+    def __init__(self, keys, values, bias, head_starts, head_counts, region: int, ratchet: bool):
+        super().__init__(keys, values, bias, None, 0, 0, region, ratchet, False, 0)
+        self.head_starts, self.head_counts = head_starts, head_counts
+        self.max_head_slots = int(head_counts.max()) + region
+
+    def fold_oldest(self, index) -> None:
+        """Nothing to fold into: the write replaces the oldest token."""
+
+    def token_slots(self, written: int, per_sample: bool = False):
+        """Token slots in use per KV head: the heads' kept tokens shared out over them (rounded up), plus new ones."""
+        kv_heads = self.head_counts.shape[1]
+        new = min(written, self.region)
+        if not per_sample:
+            return math.ceil(int(self.head_counts.sum(dim=-1).max()) / kv_heads) + new
+        real = []
+        for sample in range(self.bias.shape[0]):
+            kept = torch.cat([self.bias[sample, start: start + count]
+                              for start, count in zip(self.head_starts[sample].tolist(),
+                                                      self.head_counts[sample].tolist())])
+            real.append(math.ceil(int((kept > -math.inf).sum()) / kv_heads) + new)
+        return real
+
+    @classmethod
+    def from_layers(cls, sources, region: int, ratchet: bool) -> RaggedStaticLayer:
+        """The ragged static layer of prefilled `CompressedLayer`s (batches, stacked in order); a source
+        whose heads kept the same number (a prompt too short to compress) is packed as such."""
+        prefixes = []
+        for source in sources:
+            prefix = source.ragged
+            if prefix is None:
+                stored = source.bias.shape[-1]
+                counts = torch.full(source.keys.shape[:2], stored, dtype=torch.long, device=source.keys.device)
+                prefix = RaggedPrefix.pack(source.keys[:, :, :stored], source.values[:, :, :stored], source.bias,
+                                           counts)
+            prefixes.append(prefix)
+        kv_heads, head_dim = prefixes[0].starts.shape[1], prefixes[0].keys.shape[-1]
+        width = max(prefix.keys.shape[1] for prefix in prefixes) + kv_heads * region
+        batch = sum(prefix.keys.shape[0] for prefix in prefixes)
+        first = prefixes[0].keys
+        keys = first.new_zeros(batch, width + 1, head_dim)  # the last column takes what no head reads
+        values = torch.zeros_like(keys)
+        bias = first.new_full((batch, width + 1), -math.inf, dtype=torch.float32)
+        starts = torch.empty(batch, kv_heads, dtype=torch.long, device=first.device)
+        counts = torch.empty_like(starts)
+        row = 0
+        for source, prefix in zip(sources, prefixes):
+            rows = slice(row, row + prefix.keys.shape[0])
+            head_starts = prefix.starts + torch.arange(kv_heads, device=first.device) * region
+            held_keys, held_values, held_bias = prefix.padded()
+            tail = source.keys.shape[-2] - source.bias.shape[-1]  # tokens appended after the prefill
+            held_keys = torch.cat([held_keys, source.keys[:, :, source.keys.shape[-2] - tail:]], dim=-2)
+            held_values = torch.cat([held_values, source.values[:, :, source.values.shape[-2] - tail:]], dim=-2)
+            slot = torch.arange(prefix.most + tail, device=first.device)
+            kept_slot = slot[:prefix.most] < prefix.counts[..., None]
+            target = head_starts[..., None] + torch.cat(
+                [slot[:prefix.most].expand(*prefix.counts.shape, -1).masked_fill(~kept_slot, -1),
+                 (prefix.counts[..., None] + slot[prefix.most:] - prefix.most)], dim=-1)
+            inside = torch.cat([kept_slot, kept_slot.new_ones(*prefix.counts.shape, tail)], dim=-1)
+            target = target.masked_fill(~inside, width).flatten(1)
+            held_bias = torch.cat([held_bias, held_bias.new_zeros(*prefix.counts.shape, tail)], dim=-1)
+            for buffer, held in ((keys, held_keys), (values, held_values)):
+                buffer[rows] = buffer[rows].scatter(1, target[..., None].expand(-1, -1, head_dim), held.flatten(1, 2))
+            bias[rows] = bias[rows].scatter(1, target, held_bias.flatten(1))
+            starts[rows], counts[rows] = head_starts, prefix.counts
+            row += prefix.keys.shape[0]
+        return cls(keys[:, :width], values[:, :width], bias[:, :width], starts, counts, region, ratchet)
+
+
 class StaticCache:
     """The layers' `StaticLayer`s and the shared counters of a static decode.
 
@@ -301,6 +472,19 @@ class StaticCache:
             raise ValueError("every layer of a static cache has the same room for new tokens")
         self.prefill_slots = torch.tensor([layer.prefill_slots for layer in layers], dtype=torch.long, device=device)
         self.folding = False
+        ragged = [layer for layer in layers if isinstance(layer, RaggedStaticLayer)]
+        for index, layer in enumerate(ragged):
+            layer.ragged_index = index
+        self.ragged_tails = torch.stack([layer.head_starts + layer.head_counts for layer in ragged]) if ragged else None
+        self.ragged_counts = torch.stack([layer.head_counts for layer in ragged]) if ragged else None
+
+    def ragged_slots(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For the ragged layers, stacked (ragged layers, batch, kv_heads): the slot each head writes its next
+        token to and the slots it reads after the write; (None, None) without ragged layers."""
+        if self.ragged_tails is None:
+            return None, None
+        return (self.ragged_tails + self.count % self.region,
+                self.ragged_counts + torch.clamp(self.count + 1, max=self.region))
 
     def write_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per layer, the slot the next token is written to and the slots in use after it ((layers,) each;
@@ -348,6 +532,11 @@ class StaticCache:
         layers = []
         for index in range(num_layers):
             sources = [cache.layers[index] for cache in caches]
+            if any(source.ragged is not None for source in sources):
+                layers.append(RaggedStaticLayer.from_layers(sources, region, ratchet is not None))
+                for source in sources:
+                    source.keys = source.values = source.bias = source.ragged = None
+                continue
             planned = max(source.planned_clusters for source in sources)
             merged = max(source.merged_slots for source in sources)
             if ratchet is not None and merges_slots and merged == 0:

@@ -139,7 +139,7 @@ class Compressor:
         plans = {self.plans(num_layers, head_dim, int(length))[layer_idx] for length in lengths}
         if len(plans) == 1:
             return False
-        if self.summary is not None and self.policy.max_capacity_prompt_ratio is None:
+        if self.summary is not None and not self.summary.refits_kept and self.policy.max_capacity_prompt_ratio is None:
             if not self._warned:
                 logger.warning("PyramidKV with a summary: prompts of this batch fall on both sides of the uniform "
                                "budget's threshold; the longest prompt decides for all (alone, a short prompt would "
@@ -155,7 +155,9 @@ class Compressor:
         batch, kv_heads, n, head_dim = inputs.keys.shape
         lengths = inputs.valid.sum(dim=-1).tolist()
         plans = [self.plans(num_layers, head_dim, int(length))[layer_idx] for length in lengths]
-        if self.summary is not None and len({(plan.exact, plan.clusters) for plan in plans}) > 1:
+        # a summary that makes slots or a state needs one plan for the batch; one that refits the kept slots does not
+        if self.summary is not None and not self.summary.refits_kept \
+                and len({(plan.exact, plan.clusters) for plan in plans}) > 1:
             raise ValueError("ratio budgets with a summary need every sample of a batch to get the same budget: "
                              "run one sample at a time (eval_batch_size 1)")
         selections = []

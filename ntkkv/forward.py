@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .cache import CompressedLayer, StaticCache, ensure_compressed_layer
+from .cache import CompressedLayer, RaggedStaticLayer, StaticCache, ensure_compressed_layer
 from .models import attention_modules
 from .ops import merge_attention, reference_attention, slot_logit_bias
 from .ops.decode_attention import HEAD_DIMS as FUSED_HEAD_DIMS
@@ -48,56 +48,65 @@ def padding_mask(attention_mask, batch: int, n: int, device) -> torch.Tensor:
 def attend_to_cache(module, queries, layer: CompressedLayer, interface, backend: str, **kwargs):
     """Attention of `queries` (batch, heads, m, d) over everything the layer holds."""
     batch, heads, num_queries, head_dim = queries.shape
-    kv_heads = layer.keys.shape[1]
+    keys, values, bias = layer.attention_inputs()
+    kv_heads = keys.shape[1]
     group = heads // kv_heads
     masked = layer.masked
     if layer.state is None and not (backend == "flash_attention_2" and masked):
         mask = None
         if backend != "flash_attention_2" and (masked or num_queries > 1):
-            mask = slot_logit_bias(layer.slot_bias(), num_queries).repeat_interleave(group, dim=1).to(queries.dtype)
+            mask = slot_logit_bias(bias, num_queries).repeat_interleave(group, dim=1).to(queries.dtype)
         if backend == "sdpa" and queries.is_cuda:
             with sdpa_kernel(DECODE_SDPA_BACKENDS):
-                return interface(module, queries, layer.keys, layer.values, mask, dropout=0.0,
-                                 scaling=module.scaling, **kwargs)
-        return interface(module, queries, layer.keys, layer.values, mask, dropout=0.0, scaling=module.scaling, **kwargs)
+                return interface(module, queries, keys, values, mask, dropout=0.0, scaling=module.scaling, **kwargs)
+        return interface(module, queries, keys, values, mask, dropout=0.0, scaling=module.scaling, **kwargs)
     grouped = queries.reshape(batch, kv_heads, group * num_queries, head_dim)
-    output = merged_attention(grouped, layer, module.scaling, num_queries)
+    output = merged_attention(grouped, keys, values, bias, layer.state, module.scaling, num_queries)
     output = output.view(batch, heads, num_queries, head_dim).transpose(1, 2).to(queries.dtype)
     return output, None
 
 
-def merged_attention(grouped_queries, layer: CompressedLayer, scaling: float, num_queries: int) -> torch.Tensor:
-    """The general path, at KV-head granularity: softmax over the slots with their biases (causal
-    among the `num_queries` newest), merged with the summary state through the log-sum-exp.
+def merged_attention(grouped_queries, keys, values, bias, state, scaling: float, num_queries: int) -> torch.Tensor:
+    """The general path, at KV-head granularity: softmax over the slots (keys, values (batch, kv_heads,
+    slots, d)) with their biases (batch, kv_heads, slots), causal among the `num_queries` newest, merged with
+    the summary state (or None) through the log-sum-exp.
 
     grouped_queries (batch, kv_heads, group * num_queries, d) -> float32 output of the same shape.
     """
-    state = layer.state.read(grouped_queries, scaling) if layer.state is not None else (None, None)
+    state = state.read(grouped_queries, scaling) if state is not None else (None, None)
     if num_queries == 1 and grouped_queries.is_cuda and grouped_queries.shape[-1] in FUSED_HEAD_DIMS:
         # decode: one fused Triton kernel for the softmax over the slots and the merge (plain torch below
         # is its reference)
-        return merged_decode_attention(grouped_queries, layer.keys, layer.values, layer.slot_bias(), scaling, *state)
+        return merged_decode_attention(grouped_queries, keys, values, bias, scaling, *state)
     group = grouped_queries.shape[2] // num_queries
-    logit_bias = slot_logit_bias(layer.slot_bias(), num_queries).repeat(1, 1, group, 1)
-    lse, output = reference_attention(grouped_queries, layer.keys, layer.values, logit_bias, scaling)
-    if layer.state is not None:
+    logit_bias = slot_logit_bias(bias, num_queries).repeat(1, 1, group, 1)
+    lse, output = reference_attention(grouped_queries, keys, values, logit_bias, scaling)
+    if state[0] is not None:
         output = merge_attention(lse, output, *state)
     return output
 
 
 def static_decode_layer(layer, hidden, residual, position_embeddings, cache: StaticCache, write_slots,
-                        used_slots):
+                        used_slots, ragged_write=None, ragged_used=None):
     """One decoder layer of a static decode step: Llama's, Mistral's and Qwen2's layer (pre-norm, attention,
     gated MLP) with the elementwise work fused (`ntkkv.ops.decode_step`). The new token's key and value are
     written in place at the layer's write slot, and its queries attend over every slot with its bias (-inf
-    where unused), merged with the summary state if any. hidden (batch, 1, width) and residual (None before
-    the first layer) -> the layer's output and the residual stream."""
+    where unused), merged with the summary state if any. A ragged layer (head-wise budgets) writes and reads
+    each head's own run (`ragged_write`, `ragged_used`: `StaticCache.ragged_slots`). hidden (batch, 1, width)
+    and residual (None before the first layer) -> the layer's output and the residual stream."""
     attention, mlp = layer.self_attn, layer.mlp
     normed, residual = add_rms_norm(hidden, residual, layer.input_layernorm.weight,
                                     layer.input_layernorm.variance_epsilon)
     batch, head_dim = hidden.shape[0], attention.head_dim
     static = cache.layers[attention.layer_idx]
-    index = write_slots[attention.layer_idx: attention.layer_idx + 1]
+    ragged = isinstance(static, RaggedStaticLayer)
+    if ragged:
+        index, reads = ragged_write[static.ragged_index], {
+            "head_starts": static.head_starts, "head_used": ragged_used[static.ragged_index],
+            "max_head_slots": static.max_head_slots}
+    else:
+        index = write_slots[attention.layer_idx: attention.layer_idx + 1]
+        reads = {"used_slots": used_slots[attention.layer_idx: attention.layer_idx + 1]}
     if cache.folding:
         static.fold_oldest(index)
     cos, sin = position_embeddings
@@ -105,11 +114,11 @@ def static_decode_layer(layer, hidden, residual, position_embeddings, cache: Sta
                            attention.k_proj(normed).view(batch, -1, head_dim),
                            attention.v_proj(normed).view(batch, -1, head_dim), cos[:, 0], sin[:, 0],
                            static.keys, static.values, static.bias, index)
-    grouped = queries.view(batch, static.keys.shape[1], -1, head_dim)
+    kv_heads = static.head_starts.shape[1] if ragged else static.keys.shape[1]
+    grouped = queries.view(batch, kv_heads, -1, head_dim)
     state = static.state.read(grouped, attention.scaling) if static.state is not None else (None, None)
     output = merged_decode_attention(grouped, static.keys, static.values, static.bias, attention.scaling, *state,
-                                     used_slots=used_slots[attention.layer_idx: attention.layer_idx + 1],
-                                     out_dtype=hidden.dtype)
+                                     out_dtype=hidden.dtype, **reads)
     hidden = attention.o_proj(output.view(batch, 1, -1))
     normed, residual = add_rms_norm(hidden, residual, layer.post_attention_layernorm.weight,
                                     layer.post_attention_layernorm.variance_epsilon)

@@ -22,6 +22,7 @@ from .cache import CompressedCache, CompressedLayer, StaticCache, state_sizes
 from .compressor import Compressor
 from .forward import compressor_of, patched, static_decode_layer
 from .ops.decode_step import add_rms_norm
+from .reconstruction import reconstructing
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def static_unsupported(model, generate_kwargs) -> str | None:
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, stop_token_ids=None, prefill_length: int | None = None,
              decode: str = "auto", prefill_batch_size: int | None = None, cuda_graph: bool | None = None,
-             **generate_kwargs) -> GenerationResult:
+             tokenizer=None, **generate_kwargs) -> GenerationResult:
     """Greedy generation with a fresh compressed cache per call, reporting the K/V entries each layer kept.
 
     prefill_length: compress only the first `prefill_length` columns (the context). They are fed in one
@@ -127,6 +128,7 @@ def generate(model, input_ids, attention_mask=None, stop_token_ids=None, prefill
         decode the whole batch together; a batch larger than one prefill fits in memory can then decode.
     cuda_graph: static path only: capture the decode step in a CUDA graph (None: on CUDA, unless a summary
         state changes shape as it grows, as the exact one does); False runs the same steps eagerly.
+    tokenizer: the model's; KVzip words its reconstruction request with it (`ntkkv.reconstruction`).
     Other generate arguments pass through to model.generate on the dynamic path.
     """
     if decode not in DECODE_MODES:
@@ -149,21 +151,23 @@ def generate(model, input_ids, attention_mask=None, stop_token_ids=None, prefill
             logger.info("dynamic decode: the static path cannot reproduce %s", reason)
     if decode == "static":
         return _generate_static(model, input_ids, attention_mask, prefill_length, prefill_batch_size, cuda_graph,
-                                generate_kwargs)
+                                generate_kwargs, tokenizer)
     if prefill_batch_size is not None or cuda_graph is not None:
         raise ValueError("prefill_batch_size and cuda_graph apply to decode='static'")
-    return _generate_dynamic(model, input_ids, attention_mask, prefill_length, generate_kwargs)
+    return _generate_dynamic(model, input_ids, attention_mask, prefill_length, generate_kwargs, tokenizer)
 
 
-def _generate_dynamic(model, input_ids, attention_mask, prefill_length, generate_kwargs) -> GenerationResult:
+def _generate_dynamic(model, input_ids, attention_mask, prefill_length, generate_kwargs,
+                      tokenizer=None) -> GenerationResult:
     prompt_length = input_ids.shape[1]
     cache = CompressedCache(config=model.config)
-    if prefill_length is not None:
-        _prefill(model, input_ids[:, :prefill_length], attention_mask[:, :prefill_length], cache)
-    # with a pre-filled cache, generate feeds only the columns past cache.get_seq_length() (the tokens
-    # seen, not kept), with positions counted over the whole attention mask
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                            **{cache_argument_name(model): cache}, **generate_kwargs)
+    with reconstructing(model, cache, tokenizer):  # KVzip's pass, after the prefill: the next forward starts it
+        if prefill_length is not None:
+            _prefill(model, input_ids[:, :prefill_length], attention_mask[:, :prefill_length], cache)
+        # with a pre-filled cache, generate feeds only the columns past cache.get_seq_length() (the tokens
+        # seen, not kept), with positions counted over the whole attention mask
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                **{cache_argument_name(model): cache}, **generate_kwargs)
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     kept = _kept_after_prompt([cache], [input_ids.shape[0]], attention_mask,
                               prompt_length - prefill_length if prefill_length else 0)
@@ -195,7 +199,7 @@ def _cut_at_stop(row: list[int], stops) -> list[int]:
 # -- the static path ----------------------------------------------------------------------------
 
 def _generate_static(model, input_ids, attention_mask, prefill_length, prefill_batch_size, cuda_graph,
-                     generate_kwargs) -> GenerationResult:
+                     generate_kwargs, tokenizer=None) -> GenerationResult:
     batch, prompt_length = input_ids.shape
     max_new = int(generate_kwargs["max_new_tokens"])
     min_new = int(generate_kwargs.get("min_new_tokens") or 0)
@@ -212,7 +216,9 @@ def _generate_static(model, input_ids, attention_mask, prefill_length, prefill_b
         for start in range(0, batch, prefill_batch_size or batch):
             rows = slice(start, start + (prefill_batch_size or batch))
             cache = CompressedCache(config=model.config)
-            first_logits.append(_prefill_rows(model, input_ids[rows], attention_mask[rows], prefill_length, cache))
+            with reconstructing(model, cache, tokenizer):  # KVzip's pass, after the prefill
+                first_logits.append(_prefill_rows(model, input_ids[rows], attention_mask[rows], prefill_length,
+                                                  cache))
             caches.append(cache)
             rows_per_cache.append(input_ids[rows].shape[0])
         kept = _kept_after_prompt(caches, rows_per_cache, attention_mask,
@@ -298,10 +304,11 @@ class StaticDecoder:
         hidden = self.decoder.embed_tokens(self.input_ids)
         position_embeddings = self.decoder.rotary_emb(hidden, self.position_ids)
         write_slots, used_slots = self.cache.write_slots()
+        ragged_write, ragged_used = self.cache.ragged_slots()
         residual = None
         for layer in self.layers:
             hidden, residual = static_decode_layer(layer, hidden, residual, position_embeddings, self.cache,
-                                                   write_slots, used_slots)
+                                                   write_slots, used_slots, ragged_write, ragged_used)
         norm = self.decoder.norm
         hidden, _ = add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
         logits = self.head(hidden[:, -1]).float()

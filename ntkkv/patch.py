@@ -20,7 +20,7 @@ from .policies import Policy, build_policy
 from .summaries import build_summary
 
 POLICY_OPTIONS = ("window_size", "kernel_size", "pooling", "gqa_reduce", "max_capacity_prompt_ratio", "beta",
-                  "query_block", "sinks")
+                  "query_block", "sinks", "alpha_safeguard", "head_scores", "head_beta", "chunk_size")
 SUMMARY_OPTIONS = ("state_budget", "cluster_by", "rank", "summary_path")
 # the names these options had before summaries were called summaries; still accepted
 OPTION_ALIASES = {"kernel": "summary", "kernel_path": "summary_path"}
@@ -77,7 +77,8 @@ def compress(model, method: str | Policy = "snapkv", max_capacity_prompt=None, *
     max_capacity_prompt: memory per layer and KV head in token equivalents (an int, or a list per
         layer; default 2048): exact K/V entries plus, with a summary, the summary of the evicted tokens.
     window_size, kernel_size, pooling, gqa_reduce: the policy's options (see `ntkkv.policies.Policy`);
-        max_capacity_prompt_ratio: a share of each sample's prompt instead of max_capacity_prompt.
+        max_capacity_prompt_ratio: a share of each sample's prompt instead of max_capacity_prompt;
+        alpha_safeguard (adakv, ada_pyramidkv), head_scores and head_beta (headkv): the head-wise policies'.
     summary: what happens to evicted tokens: one of ntkkv.SUMMARIES ("none": dropped) or a summary
         object; state_budget (its share of the memory: a fraction < 1, or tokens; default 1/8),
         cluster_by ("kmeans" or "position"), rank (taylor2_lowrank's), summary_path (learned's file).

@@ -34,6 +34,11 @@ def check_compression(policy: Policy | None, summary: Summary | None, model_shap
             raise ValueError(f"summary {summary.name!r} needs a compressing method; fullkv keeps every token")
         return
     num_layers, kv_heads, head_dim = model_shape
+    policy.check_model(num_layers, kv_heads)
+    if policy.head_wise and summary is not None and not summary.refits_kept:
+        raise ValueError(f"summary {summary.name!r} makes merged slots or a state per KV head, which the head-wise "
+                         f"method {policy.name!r} does not support; use a summary that refits the kept slots "
+                         f"(cam, fitted) or none")
     if isinstance(policy.max_capacity_prompt, (list, tuple)) and len(policy.max_capacity_prompt) != num_layers:
         raise ValueError(f"max_capacity_prompt has {len(policy.max_capacity_prompt)} per-layer budgets; "
                          f"this model has {num_layers} layers")

@@ -3,6 +3,7 @@ checks and the CPU fallback; the Triton kernels against the composition on CUDA,
 when triton runs under TRITON_INTERPRET=1 (set before pytest starts).
 """
 
+import functools
 import math
 
 import pytest
@@ -284,3 +285,233 @@ def test_triton_matches_reference_in_interpreter(kv_dtype, state):
 @quiet_numpy
 def test_triton_extras_in_interpreter():
     check_triton_extras("cpu")
+
+
+# --- the ragged layout: heads of one sample one after another in a flat run, each its own count -----
+
+
+def make_ragged_case(kv_dtype, used, num_rows=4, head_dim=32, state="some", room=3, query_dtype=None,
+                     index_dtype=torch.int64, device="cpu", seed=0):
+    """Keyword arguments of a ragged decode case: head h of sample b holds used[b][h] slots, the heads of a
+    sample one after another in one flat run (b, T, d) with `room` unwritten slots before every head's run
+    and after the last. The unwritten slots hold NaN keys, values and bias: reading one would show. Inside
+    the runs a fifth of the slots are padding (-inf) and a fifth stand for 2..8 merged tokens (log n)."""
+    generator = torch.Generator().manual_seed(seed)
+    head_used = torch.tensor(used)
+    batch, kv_heads = head_used.shape
+    head_starts = (head_used + room).cumsum(1) - head_used
+    total = int((head_used + room).sum(1).max()) + room
+    keys = torch.full((batch, total, head_dim), math.nan)
+    values = torch.full((batch, total, head_dim), math.nan)
+    slot_bias = torch.full((batch, total), math.nan)
+    for b in range(batch):
+        for h in range(kv_heads):
+            start, count = int(head_starts[b, h]), int(head_used[b, h])
+            run = slice(start, start + count)
+            keys[b, run] = torch.randn(count, head_dim, generator=generator)
+            values[b, run] = torch.randn(count, head_dim, generator=generator)
+            draw = torch.rand(count, generator=generator)
+            merged_sizes = torch.randint(2, 9, (count,), generator=generator).float()
+            slot_bias[b, run] = torch.where(draw < 0.2, -math.inf, torch.where(draw < 0.4, merged_sizes.log(), 0.0))
+    queries = torch.randn(batch, kv_heads, num_rows, head_dim, generator=generator) * 3
+    case = {
+        "queries": queries.to(query_dtype or kv_dtype),
+        "keys": keys.to(kv_dtype),
+        "values": values.to(kv_dtype),
+        "slot_bias": slot_bias,
+        "scaling": head_dim**-0.5,
+        "log_mass": None,
+        "state_mean": None,
+        "head_starts": head_starts.to(index_dtype),
+        "head_used": head_used.to(index_dtype),
+    }
+    if state != "none":
+        log_mass = torch.randn(batch, kv_heads, num_rows, generator=generator) + math.log(head_used.float().mean() + 1)
+        emptied = torch.rand(batch, kv_heads, num_rows, generator=generator) < (1.0 if state == "empty" else 0.2)
+        log_mass[emptied] = -math.inf
+        case |= {"log_mass": log_mass, "state_mean": torch.randn(batch, kv_heads, num_rows, head_dim,
+                                                                  generator=generator)}
+    return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in case.items()}
+
+
+def padded_and_masked(case):
+    """The ragged case as a uniform one: every head's run copied to the front of (b, hkv, S, d), S the
+    longest run, and the rest padded with zeros of bias -inf."""
+    head_starts, head_used = case["head_starts"].tolist(), case["head_used"].tolist()
+    keys = case["keys"]
+    batch, kv_heads, longest = len(head_used), len(head_used[0]), max(max(row) for row in head_used)
+    padded_keys = keys.new_zeros(batch, kv_heads, longest, keys.shape[-1])
+    padded_values = torch.zeros_like(padded_keys)
+    padded_bias = torch.full((batch, kv_heads, longest), -math.inf, device=keys.device)
+    for b in range(batch):
+        for h in range(kv_heads):
+            start, count = head_starts[b][h], head_used[b][h]
+            padded_keys[b, h, :count] = keys[b, start:start + count]
+            padded_values[b, h, :count] = case["values"][b, start:start + count]
+            padded_bias[b, h, :count] = case["slot_bias"][b, start:start + count]
+    uniform = {name: value for name, value in case.items() if name not in ("head_starts", "head_used")}
+    return uniform | {"keys": padded_keys, "values": padded_values, "slot_bias": padded_bias}
+
+
+# uneven heads, heads with no slot, a sample all of whose heads are empty
+RAGGED_USED = [[[5, 0, 90, 17], [1, 33, 0, 2]], [[120, 1, 3]], [[0, 0], [0, 4]]]
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize("used", RAGGED_USED)
+def test_ragged_reference_equals_padded_and_masked(kv_dtype, state, used):
+    """A ragged cache gives the outputs of a padded-and-masked one, which the uniform tests check against the
+    slow loop; a head with no slot gives 0 without a state and the state's mean with one."""
+    case = make_ragged_case(kv_dtype, used, state=state)
+    output = merged_decode_attention_reference(**case)
+    assert output.dtype == torch.float32 and output.shape == case["queries"].shape
+    assert relative_error(output, merged_decode_attention_reference(**padded_and_masked(case))) < 1e-6
+    assert relative_error(output, slow_merged_attention(**padded_and_masked(case))) < 1e-5
+    empty = case["head_used"] == 0
+    if state == "none":
+        assert torch.equal(output[empty], torch.zeros_like(output[empty]))
+    elif state == "some":
+        weighted = empty[:, :, None] & case["log_mass"].isfinite()
+        torch.testing.assert_close(output[weighted], case["state_mean"][weighted])
+
+
+def test_ragged_cpu_tensors_fall_back_to_the_reference():
+    case = make_ragged_case(torch.bfloat16, RAGGED_USED[0])
+    expected = merged_decode_attention_reference(**case)
+    for force_triton in (None, False):
+        output = merged_decode_attention(**case, force_triton=force_triton, max_head_slots=90, out_dtype=torch.float16)
+        assert output.dtype == torch.float16
+        torch.testing.assert_close(output, expected.half(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c | {"head_used": None}, "head_starts and head_used go together"),
+    (lambda c: c | {"keys": c["keys"][:, None]}, r"keys must be a 3-d tensor \(the ragged layout"),
+    (lambda c: c | {"slot_bias": c["slot_bias"][:, None]}, "slot_bias must be a 2-d tensor"),
+    (lambda c: c | {"values": c["values"][:, :-1]}, "values has shape"),
+    (lambda c: c | {"slot_bias": c["slot_bias"][:, 1:]}, r"slot_bias has shape .* keys' T = "),
+    (lambda c: c | {"head_used": c["head_used"][:, :1]}, "head_used has shape"),
+    (lambda c: c | {"head_starts": c["head_starts"][None]}, "head_starts has shape"),
+    (lambda c: c | {"head_starts": c["head_starts"].float()}, "head_starts must be an int32 or int64 tensor"),
+    (lambda c: c | {"head_used": c["head_used"].short()}, "head_used must be an int32 or int64 tensor"),
+    (lambda c: c | {"head_used": c["head_used"] + 200}, r"head \(0, 0\) reads slots \[3, 208\): .* \[0, 127\)"),
+    (lambda c: c | {"head_starts": c["head_starts"] - 4}, r"head \(0, 0\) reads slots \[-1, 4\)"),
+    (lambda c: c | {"max_head_slots": 89}, r"head_used\[0, 2\] = 90 is over max_head_slots = 89"),
+])
+def test_ragged_bad_inputs_raise(change, message):
+    case = change(make_ragged_case(torch.float32, RAGGED_USED[0]))
+    with pytest.raises(ValueError, match=message):
+        merged_decode_attention(**case)
+    with pytest.raises(ValueError, match=message):
+        merged_decode_attention_reference(**case)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"used_slots": torch.tensor([4])}, "used_slots is for the uniform layout"),
+    ({"max_head_slots": -1}, "max_head_slots must be a non-negative int, got -1"),
+    ({"max_head_slots": 90.0}, "max_head_slots must be a non-negative int, got 90.0"),
+])
+def test_ragged_bad_options_raise(extra, message):
+    with pytest.raises(ValueError, match=message):
+        merged_decode_attention(**make_ragged_case(torch.float32, RAGGED_USED[0]), **extra)
+
+
+def test_max_head_slots_without_the_ragged_layout_raises():
+    with pytest.raises(ValueError, match="max_head_slots is for the ragged layout"):
+        merged_decode_attention(**make_case(num_slots=6), max_head_slots=6)
+
+
+def check_ragged_triton(device, kv_dtype, state):
+    """The ragged kernels against the ragged reference over uneven heads, empty heads, query rows of a group,
+    forced and automatic split counts, a loose and no max_head_slots; the failures, listed together."""
+    cases = [  # (used per head, make_ragged_case arguments, merged_decode_attention arguments)
+        (RAGGED_USED[0], {}, {}),
+        (RAGGED_USED[0], {"num_rows": 12, "index_dtype": torch.int32}, {"max_head_slots": 90}),
+        (RAGGED_USED[1], {"num_rows": 1}, {"num_splits": 1, "max_head_slots": 120}),
+        (RAGGED_USED[1], {}, {"num_splits": 3}),  # the short heads' later chunks read nothing
+        (RAGGED_USED[1], {"room": 0}, {"num_splits": 1000, "max_head_slots": 500}),
+        (RAGGED_USED[2], {}, {}),
+        ([[3, 150, 0, 7, 1, 40, 0, 2]], {"head_dim": 64, "query_dtype": torch.float32}, {"max_head_slots": 150}),
+    ]
+    failures = []
+    for used, build, options in cases:
+        case = make_ragged_case(kv_dtype, used, state=state, device=device, **build)
+        output = merged_decode_attention(**case, force_triton=True, **options)
+        error = relative_error(output, merged_decode_attention_reference(**case))
+        if not error <= TOLERANCE[kv_dtype]:
+            failures.append(f"{used} {build} {options}: {error:.2e}")
+    assert not failures, failures
+
+
+@needs_cuda
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state", STATES)
+def test_ragged_triton_matches_reference_on_cuda(kv_dtype, state):
+    check_ragged_triton("cuda", kv_dtype, state)
+
+
+@needs_cuda
+def test_ragged_triton_long_uneven_cache_on_cuda():
+    """Llama-3-8B's decode shape, 8 KV heads of 32768 slots on average split unevenly, against padding."""
+    exponentials = -torch.rand(2, 8, generator=torch.Generator().manual_seed(0)).log()  # normalised: Dirichlet(1)
+    shares = exponentials / exponentials.sum(1, keepdim=True) * 0.8 + 0.2 / 8
+    used = (shares * 8 * 32768).long().tolist()
+    case = make_ragged_case(torch.bfloat16, used, num_rows=4, head_dim=128, device="cuda")
+    output = merged_decode_attention(**case, max_head_slots=max(map(max, used)))
+    assert relative_error(output, merged_decode_attention_reference(**padded_and_masked(case))) <= 1e-3
+
+
+@needs_cuda
+def test_ragged_call_replays_in_a_cuda_graph():
+    """With max_head_slots given the ragged call waits for nothing on the host: it captures in a CUDA graph,
+    and a replay reads the head counts and starts written into the same tensors since."""
+    case = make_ragged_case(torch.bfloat16, RAGGED_USED[0], head_dim=128, device="cuda")
+    call = functools.partial(merged_decode_attention, **case, max_head_slots=100)
+    call()  # compiles the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = call()
+    moved = make_ragged_case(torch.bfloat16, [[80, 2, 0, 30], [0, 0, 7, 60]], head_dim=128, room=0, device="cuda")
+    for name in ("head_starts", "head_used"):
+        case[name].copy_(moved[name])
+    for name in ("keys", "values", "slot_bias"):
+        case[name][:, :moved[name].shape[1]].copy_(moved[name])
+    graph.replay()
+    assert relative_error(output, merged_decode_attention_reference(**case)) <= TOLERANCE[torch.bfloat16]
+
+
+@needs_interpreter
+@quiet_numpy
+@pytest.mark.parametrize("kv_dtype, state", [(torch.float32, state) for state in STATES]
+                         + [(torch.bfloat16, "none"), (torch.bfloat16, "some"), (torch.float16, "some")])
+def test_ragged_triton_matches_reference_in_interpreter(kv_dtype, state):
+    check_ragged_triton("cpu", kv_dtype, state)
+
+
+@pytest.mark.skipif(merge_triton.triton is None, reason="needs triton")
+@pytest.mark.parametrize("longest, average, programs_per_split", [(2274, 1024, 8), (72719, 32768, 8), (4244, 1024, 64),
+                                                                  (135694, 32768, 64), (5, 3, 8), (0, 0, 8)])
+def test_ragged_split_plan_covers_the_longest_head_in_whole_tiles(longest, average, programs_per_split):
+    """The longest head is covered by whole tiles, in chunks no shorter than the average head's, and in no
+    more chunks than the average head's unless those chunks are RAGGED_MIN_CHUNK slots or more."""
+    sm_count, tile = 132, 64
+    splits, chunk = merge_triton._split_plan(longest, programs_per_split, tile, sm_count, typical_slots=average)
+    average_splits, average_chunk = merge_triton._split_plan(average, programs_per_split, tile, sm_count)
+    assert chunk % tile == 0 and splits * chunk >= longest and (splits - 1) * chunk < max(longest, 1)
+    assert chunk >= average_chunk
+    assert splits <= average_splits or chunk >= merge_triton.RAGGED_MIN_CHUNK
+
+
+@needs_interpreter
+@quiet_numpy
+def test_combine_folds_chunks_in_groups_bit_for_bit(monkeypatch):
+    """The combine's loads in groups change nothing: one chunk at a time gives the same bits (7 chunks: the
+    last group runs past the end)."""
+    case = make_case(torch.bfloat16, 64, 3, 400)
+    grouped = merged_decode_attention(**case, force_triton=True, num_splits=7)
+    monkeypatch.setattr(merge_triton, "COMBINE_SPLIT_GROUP", 1)
+    one_at_a_time = merged_decode_attention(**case, force_triton=True, num_splits=7)
+    assert torch.equal(grouped.isnan(), one_at_a_time.isnan())
+    assert torch.equal(grouped.nan_to_num(), one_at_a_time.nan_to_num())

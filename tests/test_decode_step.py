@@ -94,6 +94,69 @@ def test_rotary_write_rotates_and_writes_only_its_slot(kernels, dtype):
     assert bool((caches[0][2][:, :, untouched] == -math.inf).all()) and bool((caches[0][2][:, :, 7] == 0).all())
 
 
+def ragged_cache(batch, total, head_dim, dtype):
+    """A ragged cache layer (b, T, d) of random keys and values, every slot's bias -inf."""
+    cache_keys = torch.randn(batch, total, head_dim, generator=torch.Generator().manual_seed(2))
+    cache_values = torch.randn(cache_keys.shape, generator=torch.Generator().manual_seed(3))
+    return [cache_keys.to(DEVICE, dtype), cache_values.to(DEVICE, dtype), torch.full((batch, total), -math.inf,
+                                                                                     device=DEVICE)]
+
+
+@pytest.mark.parametrize("use_kernels", [pytest.param(True, marks=needs_kernels), False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_write_ragged_writes_each_heads_own_slot(monkeypatch, use_kernels, dtype):
+    """Ragged cache (b, T, d): each KV head writes its rotated key and its value at its own slot of its
+    sample's flat run, as a hand-written loop does; nothing else of the cache changes."""
+    if use_kernels:
+        monkeypatch.setenv(decode_step.FORCE_TRITON_ENV, "1")
+    generator = torch.Generator().manual_seed(6)
+    batch, heads, kv_heads, head_dim, total = 2, 6, 3, 64, 40
+    queries, keys, values = (torch.randn(batch, count, head_dim, generator=generator).to(DEVICE, dtype)
+                             for count in (heads, kv_heads, kv_heads))
+    cos, sin = rope(torch.tensor([17, 230]), head_dim, dtype)
+    write_index = torch.tensor([[4, 11, 39], [0, 25, 26]], dtype=torch.int32, device=DEVICE)
+    cache = ragged_cache(batch, total, head_dim, dtype)
+    rotated = rotary_write(queries, keys, values, cos, sin, *cache, write_index)
+
+    # by hand: the keys rotated as the uniform layer's reference rotates them, then copied slot by slot
+    uniform = [torch.zeros(batch, kv_heads, 1, head_dim, dtype=dtype, device=DEVICE),
+               torch.zeros(batch, kv_heads, 1, head_dim, dtype=dtype, device=DEVICE),
+               torch.zeros(batch, kv_heads, 1, device=DEVICE)]
+    expected_queries = rotary_write_reference(queries, keys, values, cos, sin, *uniform,
+                                              torch.tensor([0], device=DEVICE))
+    expected = ragged_cache(batch, total, head_dim, dtype)
+    for b in range(batch):
+        for h in range(kv_heads):
+            slot = int(write_index[b, h])
+            expected[0][b, slot], expected[1][b, slot], expected[2][b, slot] = uniform[0][b, h, 0], values[b, h], 0.0
+    close(rotated, expected_queries, dtype)
+    close(cache[0], expected[0], dtype)
+    for ours, theirs in zip(cache[1:], expected[1:]):  # values are copied, the bias set: exact
+        assert torch.equal(ours, theirs)
+    assert int((cache[2] == 0).sum()) == batch * kv_heads
+
+    reference_cache = ragged_cache(batch, total, head_dim, dtype)
+    reference_queries = rotary_write_reference(queries, keys, values, cos, sin, *reference_cache, write_index.long())
+    close(rotated, reference_queries, dtype)
+    close(cache[0], reference_cache[0], dtype)
+    for ours, theirs in zip(cache[1:], reference_cache[1:]):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("cache_dims, index_shape, message", [
+    (3, (1,), r"ragged cache layer \(b, T, d\) takes write_index \(b, kv_heads\) = \(2, 3\)"),
+    (3, (3, 2), r"ragged cache layer .* got \(3, 2\)"),
+    (4, (2, 3), "uniform cache layer .* one-element write_index"),
+])
+def test_rotary_write_refuses_a_write_index_of_the_other_layout(cache_dims, index_shape, message):
+    queries, keys = torch.zeros(2, 6, 32), torch.zeros(2, 3, 32)
+    cos, sin = torch.ones(2, 32), torch.zeros(2, 32)
+    shape = (2, 10) if cache_dims == 3 else (2, 3, 10)
+    cache = [torch.zeros(*shape, 32), torch.zeros(*shape, 32), torch.zeros(shape)]
+    with pytest.raises(ValueError, match=message):
+        rotary_write(queries, keys, keys, cos, sin, *cache, torch.zeros(index_shape, dtype=torch.long))
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul(kernels, dtype):

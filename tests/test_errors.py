@@ -7,7 +7,7 @@ from tiny import tiny_model
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(method="snapKV2"), "unknown method 'snapKV2'; choose one of: fullkv, h2o, pyramidkv, snapkv, streamingllm"),
+    (dict(method="snapKV2"), "unknown method 'snapKV2'; choose one of: " + ", ".join(sorted(ntkkv.METHODS))),
     (dict(method="snapkv", max_capacity_prompt=8, window_size=8), "larger than window_size=8 (or a list of one per "
                                                                   "layer), got 8"),
     (dict(method="snapkv", max_capacity_prompt=64.5), "max_capacity_prompt must be an integer larger than "

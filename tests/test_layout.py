@@ -10,7 +10,7 @@ RANKS = {
     "ntkkv.policies": 1, "ntkkv.summaries": 1,
     "ntkkv.plan": 2, "ntkkv.cache": 2,
     "ntkkv.compressor": 3,
-    "ntkkv.forward": 4,
+    "ntkkv.forward": 4, "ntkkv.reconstruction": 4,
     "ntkkv.patch": 5, "ntkkv.generation": 5,
     "ntkkv.training": 6, "ntkkv.eval": 6,
     "ntkkv.viz": 7,

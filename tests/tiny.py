@@ -56,3 +56,20 @@ def load_script(relative_path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_head_scores(path, layers: int = 4, heads: int = 4, kv_heads: int = 2, seed: int = 2) -> str:
+    """A head-scores file (compute_head_scores.py's format) for the tiny models, skewed so heads differ."""
+    import json
+
+    generator = torch.Generator().manual_seed(seed)
+    scores = (torch.rand(layers, heads, generator=generator) ** 3).tolist()
+    Path(path).write_text(json.dumps({"format": "ntkkv-head-scores/1", "model": "tiny", "score": "retrieval",
+                                      "num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads,
+                                      "scores": scores}))
+    return str(path)
+
+
+def method_options(method: str, folder) -> dict:
+    """What a method needs beyond its budget on the tiny models: HeadKV its head-scores file."""
+    return {"head_scores": tiny_head_scores(Path(folder) / "head_scores.json")} if method == "headkv" else {}

@@ -110,7 +110,7 @@ def generate_batch(model, tokenizer, batch_ids, settings, max_new_tokens, stop_i
         output = generate(
             model, input_ids, attention_mask, decode=settings.decode if settings.use_cache else "dynamic",
             max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False, num_beams=1,
-            eos_token_id=stop_ids, pad_token_id=pad_token_id, use_cache=settings.use_cache,
+            eos_token_id=stop_ids, pad_token_id=pad_token_id, use_cache=settings.use_cache, tokenizer=tokenizer,
         )
     answers = [cut_at_stop(new_tokens, stop_ids) for new_tokens in output.new_tokens]
     predictions = [tokenizer.decode(answer, skip_special_tokens=True) for answer in answers]

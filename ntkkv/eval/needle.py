@@ -401,7 +401,7 @@ class NeedleTest:
             out = generate(
                 model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=MAX_NEW_TOKENS, decode=self.decode,
                 do_sample=False, num_beams=1, eos_token_id=[tokenizer.eos_token_id, newline_id],
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer,
                 prefill_length=None if question_length is None else prompt_width - question_length,
             )
         duration = time.perf_counter() - started

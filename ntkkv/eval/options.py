@@ -19,9 +19,9 @@ from ntkkv.models import ATTN_IMPLEMENTATIONS, load_config, model_shape
 from ntkkv.patch import OPTION_ALIASES, build_compressor
 from ntkkv.plan import check_compression
 from ntkkv.policies import METHODS, canonical_name
-from ntkkv.summaries import SUMMARIES, canonical_summary
+from ntkkv.summaries import SUMMARIES, canonical_summary, refits_kept
 
-SELECTION_FLAGS = ("window_size", "kernel_size", "pooling", "gqa_reduce")
+SELECTION_FLAGS = ("window_size", "kernel_size", "pooling", "gqa_reduce", "alpha_safeguard", "head_scores", "head_beta")
 SUMMARY_FLAGS = ("summary", "state_budget", "cluster_by", "rank", "summary_path", "ratchet")
 
 
@@ -32,6 +32,12 @@ def add_compression_arguments(parser) -> None:
     group.add_argument("--kernel_size", type=int, default=None, help="pooling width of the scores (default 7)")
     group.add_argument("--pooling", default=None, help="avgpool or maxpool (default maxpool)")
     group.add_argument("--gqa_reduce", default=None, help="mean or max over a KV head's query heads (default mean)")
+    group.add_argument("--alpha_safeguard", "--floor", dest="alpha_safeguard", type=float, default=None,
+                       help="adakv, ada_pyramidkv: share of the even per-head budget every head keeps (default 0.2)")
+    group.add_argument("--head_scores", "--head_path", dest="head_scores", default=None,
+                       help="headkv: head-scores file from compute_head_scores.py (default: SmolLM2's, shipped)")
+    group.add_argument("--head_beta", type=float, default=None,
+                       help="headkv: the budget's share pooled by importance is 1/head_beta (default 1.01)")
     summaries = parser.add_argument_group("evicted tokens (the budget counts their summary: equal memory)")
     summaries.add_argument("--summary", "--kernel", dest="summary", default=None,
                            help=f"what happens to evicted tokens: {', '.join(SUMMARIES)} (default none: dropped)")
@@ -75,13 +81,20 @@ def recorded_options(options: dict) -> dict:
 
 
 def run_label(method: str, options: dict) -> str:
-    """The name a run's results go under: the method, and the summary with its settings if any
-    ("snapkv", "snapkv_merge", "pyramidkv_taylor2_lowrank_sb0.25_r8"), so runs never mix on resume."""
+    """The name a run's results go under: the method with the head-wise options given, and the summary with
+    its settings if any ("snapkv", "snapkv_merge", "pyramidkv_taylor2_lowrank_sb0.25_r8", "adakv_a0.1",
+    "headkv_llama3_scores"), so runs never mix on resume."""
     options = recorded_options(options)
+    parts = [method]
+    for flag, short in (("alpha_safeguard", "a"), ("head_beta", "hb")):
+        if options.get(flag) is not None:
+            parts.append(f"{short}{options[flag]:g}")
+    if options.get("head_scores"):
+        parts.append(Path(options["head_scores"]).stem)
     summary = options.get("summary")
     if summary is None or summary == "none":
-        return method
-    parts = [method, summary]
+        return "_".join(parts)
+    parts.append(summary)
     for flag, short in (("state_budget", "sb"), ("cluster_by", "by"), ("rank", "r"), ("ratchet", "ratchet")):
         if options.get(flag) is not None:
             parts.append(f"{short}{options[flag]:g}" if isinstance(options[flag], float) else f"{short}{options[flag]}")
@@ -188,7 +201,8 @@ def settings_from_args(args, **extra):
         chat_template=not args.no_chat_template, use_cache=args.use_cache, decode=args.decode,
         compress_kwargs=options, **extra)
     ratio = settings.budget_options().get("max_capacity_prompt_ratio")  # refuses neither budget flag set
-    if ratio is not None and args.eval_batch_size != 1 and options.get("summary"):
+    if ratio is not None and args.eval_batch_size != 1 and options.get("summary") \
+            and not refits_kept(options["summary"]):
         raise ValueError("--max_capacity_prompts_ratio with a --summary needs --eval_batch_size 1 (each sample "
                          "of a batch gets its own budget, and the summary's clusters must agree)")
     check_run([args.method], [args.max_capacity_prompts], options, None, ratio)

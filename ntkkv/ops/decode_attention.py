@@ -9,8 +9,15 @@ the log-sum-exp: `merge_attention(*reference_attention(...), log_mass, state_mea
 Flash-decoding: with one new token the queries of a KV head are a handful of rows, so one
 program per (batch, KV head) would leave most of the GPU idle. `_partial_attention` splits the
 slots into chunks, one program each, and writes each chunk's running (max, sum, weighted sum);
-`_combine_and_merge` folds the chunks of a (batch, KV head) together and merges the state.
-Logits live in base 2 (exp2 is the cheap instruction); everything accumulates in float32.
+`_combine_and_merge` folds the chunks of a (batch, KV head) together, a few at a time so that
+their loads overlap, and merges the state. Logits live in base 2 (exp2 is the cheap
+instruction); everything accumulates in float32.
+
+Ragged layout (head-wise budgets: heads of one sample holding different numbers of slots): keys,
+values (b, T, d) and the bias (b, T) hold the heads of a sample one after another, head h's run
+starting at head_starts[b, h] and holding head_used[b, h] slots. The same kernels read it: only a
+program's base pointer (start x slot stride for head x head stride) and its slot limit change, and a
+chunk past its head's end runs no tile and leaves a part of no weight for the combine.
 
 Precision: fp32 K/V use IEEE fp32 dots (no TF32). For 16-bit K/V the dots run on tensor cores
 in the cache's dtype, and whatever is float32 on the other side (queries of another dtype, the
@@ -25,13 +32,14 @@ composition; `force_triton=True` runs the kernels on CPU tensors under TRITON_IN
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from contextlib import nullcontext
 
 import torch
 
-from .attention import merge_attention, reference_attention
+from .attention import empty_part, merge_attention, reference_attention
 
 try:
     import triton
@@ -50,6 +58,11 @@ MAX_BLOCK_ROWS = 64
 PROGRAMS_PER_SM = 4
 # SM count assumed off-GPU (the interpreter): small, so that tests on CPU still split S
 CPU_SM_COUNT = 4
+# chunks the combine folds per loop step, their loads issued together (one memory latency per group)
+COMBINE_SPLIT_GROUP = 4
+# a ragged cache's longest head gets more chunks than its average head only while they keep at least this
+# many slots: each extra chunk is one more step of the combine's serial loop, which a short chunk does not repay
+RAGGED_MIN_CHUNK = 2048
 
 if triton is not None:
     _LOG2E = tl.constexpr(math.log2(math.e))
@@ -67,23 +80,39 @@ if triton is not None:
 
     @triton.jit
     def _partial_attention(
-        Q, K, V, BIAS, USED, PART_MAX, PART_SUM, PART_ACC,
+        Q, K, V, BIAS, USED, HEAD_START, PART_MAX, PART_SUM, PART_ACC,
         scale_log2, num_rows, num_slots, chunk, num_splits, kv_heads,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_bias_b, stride_bias_h, stride_bias_s,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         KV_FP32: tl.constexpr, SPLIT_QUERIES: tl.constexpr, INTERPRETED: tl.constexpr, HAS_USED: tl.constexpr,
+        RAGGED: tl.constexpr,
     ):
         """One chunk of slots of one (batch, KV head) and one block of query rows: the chunk's
         max logit (base 2), sum of exp2(logit - max) and the sum of those weights times values.
-        With HAS_USED, slots from USED[0] on are not read (a static cache's unwritten room)."""
+        With HAS_USED, slots from USED[0] on are not read (a static cache's unwritten room).
+        RAGGED: K, V (b, T, d) and BIAS (b, T); head h of sample b reads its USED[b, h] slots from
+        HEAD_START[b, h] on (both (b, hkv), contiguous), at most num_slots of them."""
         split, batch_head, row_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        slot_limit = num_slots
-        if HAS_USED:
-            slot_limit = tl.minimum(tl.load(USED).to(tl.int32), num_slots)
         # int64 base offsets: batch x head x slots x dim can pass 2^31 elements on long caches
         b = (batch_head // kv_heads).to(tl.int64)
         h = (batch_head % kv_heads).to(tl.int64)
+        if RAGGED:  # the head's run inside its sample's flat run of slots: only the base and the limit change
+            start = tl.load(HEAD_START + batch_head).to(tl.int64)
+            slot_limit = tl.minimum(tl.load(USED + batch_head).to(tl.int32), num_slots)
+            key_base = K + b * stride_kb + start * stride_ks
+            value_base = V + b * stride_vb + start * stride_vs
+            bias_base = BIAS + b * stride_bias_b + start * stride_bias_s
+            # a chunk past the head's end runs no tile and stores max -inf, sum 0: nothing to the combine
+            tiles_end = tl.minimum(chunk, tl.maximum(slot_limit - split * chunk, 0))
+        else:
+            slot_limit = num_slots
+            if HAS_USED:
+                slot_limit = tl.minimum(tl.load(USED).to(tl.int32), num_slots)
+            key_base = K + b * stride_kb + h * stride_kh
+            value_base = V + b * stride_vb + h * stride_vh
+            bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
+            tiles_end = chunk
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_rows
         dims = tl.arange(0, HEAD_DIM)
@@ -93,15 +122,12 @@ if triton is not None:
             queries_hi = queries.to(K.dtype.element_ty)
             if SPLIT_QUERIES:  # queries finer than the cache's dtype: keep the rounding error as a second part
                 queries_lo = (queries - queries_hi.to(tl.float32)).to(K.dtype.element_ty)
-        key_base = K + b * stride_kb + h * stride_kh
-        value_base = V + b * stride_vb + h * stride_vh
-        bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
 
         running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        # every chunk runs the same number of tiles; the surplus of the last one is masked off
-        for offset in range(0, chunk, BLOCK_N):
+        # every chunk of a uniform cache runs the same number of tiles; the surplus of the last one is masked off
+        for offset in range(0, tiles_end, BLOCK_N):
             slots = split * chunk + offset + tl.arange(0, BLOCK_N)
             slot_ok = slots < slot_limit
             keys_t = tl.load(key_base + slots[None, :] * stride_ks + dims[:, None], mask=slot_ok[None, :], other=0.0)
@@ -140,7 +166,7 @@ if triton is not None:
         PART_MAX, PART_SUM, PART_ACC, LOG_MASS, STATE_MEAN, OUT,
         num_rows, num_splits, kv_heads,
         stride_lb, stride_lh, stride_lm, stride_sb, stride_sh, stride_sm,
-        BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_STATE: tl.constexpr,
+        BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_STATE: tl.constexpr, SPLIT_GROUP: tl.constexpr,
     ):
         """All chunks of one (batch, KV head) and block of rows -> the kept part, merged with the state."""
         batch_head, row_block = tl.program_id(0), tl.program_id(1)
@@ -150,18 +176,24 @@ if triton is not None:
         kept_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         kept_sum = tl.zeros([BLOCK_M], tl.float32)
         kept_acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for split in range(num_splits):
-            part = (batch_head * num_splits + split).to(tl.int64) * num_rows + rows
-            split_max = tl.load(PART_MAX + part, mask=row_ok, other=float("-inf"))
-            split_sum = tl.load(PART_SUM + part, mask=row_ok, other=0.0)
-            split_acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
-            new_max = tl.maximum(kept_max, split_max)
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            kept_scale = tl.exp2(kept_max - shift)
-            split_scale = tl.exp2(split_max - shift)
-            kept_sum = kept_sum * kept_scale + split_sum * split_scale
-            kept_acc = kept_acc * kept_scale[:, None] + split_acc * split_scale[:, None]
-            kept_max = new_max
+        # SPLIT_GROUP chunks unrolled: their loads are in flight together; a chunk past the end folds in as
+        # max -inf, sum 0, which leaves the running values bit for bit as they were
+        for first in range(0, num_splits, SPLIT_GROUP):
+            for offset in tl.static_range(SPLIT_GROUP):
+                split = first + offset
+                split_ok = row_ok & (split < num_splits)
+                part = (batch_head * num_splits + split).to(tl.int64) * num_rows + rows
+                split_max = tl.load(PART_MAX + part, mask=split_ok, other=float("-inf"))
+                split_sum = tl.load(PART_SUM + part, mask=split_ok, other=0.0)
+                split_acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None],
+                                    other=0.0)
+                new_max = tl.maximum(kept_max, split_max)
+                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+                kept_scale = tl.exp2(kept_max - shift)
+                split_scale = tl.exp2(split_max - shift)
+                kept_sum = kept_sum * kept_scale + split_sum * split_scale
+                kept_acc = kept_acc * kept_scale[:, None] + split_acc * split_scale[:, None]
+                kept_max = new_max
         # the kept part's total weight is kept_sum * 2^kept_shift; kept_sum >= 1 unless every slot is -inf
         kept_shift = tl.where(kept_max == float("-inf"), 0.0, kept_max)
 
@@ -188,10 +220,20 @@ if triton is not None:
                  mask=row_ok[:, None])
 
 
-def merged_decode_attention_reference(queries, keys, values, slot_bias, scaling, log_mass=None, state_mean=None):
-    """The plain-torch composition `merged_decode_attention` computes; the test reference and the fallback."""
-    _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean)
-    lse, output = reference_attention(queries, keys, values, slot_bias.float()[:, :, None, :], scaling)
+def merged_decode_attention_reference(queries, keys, values, slot_bias, scaling, log_mass=None, state_mean=None, *,
+                                      head_starts=None, head_used=None, max_head_slots=None):
+    """The plain-torch composition `merged_decode_attention` computes; the test reference and the fallback.
+    The ragged layout goes one (batch, KV head) at a time over the head's own run of slots."""
+    _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean, head_starts, head_used)
+    if head_starts is None:
+        lse, output = reference_attention(queries, keys, values, slot_bias.float()[:, :, None, :], scaling)
+    else:
+        lse, output = empty_part(queries)
+        for b, runs in enumerate(_head_runs(head_starts, head_used, keys.shape[1], max_head_slots)):
+            for h, (start, used) in enumerate(runs):
+                run = slice(start, start + used)
+                lse[b, h], output[b, h] = reference_attention(queries[b, h], keys[b, run], values[b, run],
+                                                              slot_bias[b, run].float(), scaling)
     if log_mass is None:
         return output
     return merge_attention(lse, output, log_mass.float(), state_mean.float())
@@ -199,7 +241,8 @@ def merged_decode_attention_reference(queries, keys, values, slot_bias, scaling,
 
 def merged_decode_attention(queries, keys, values, slot_bias, scaling, log_mass=None, state_mean=None, *,
                             force_triton: bool | None = None, num_splits: int | None = None, used_slots=None,
-                            out_dtype: torch.dtype = torch.float32):
+                            out_dtype: torch.dtype = torch.float32, head_starts=None, head_used=None,
+                            max_head_slots: int | None = None):
     """Attention of one decode step over the kept slots, merged with the summary state.
 
     queries (b, hkv, m, d): the query heads sharing a KV head stacked on m (group size x new tokens);
@@ -218,8 +261,23 @@ def merged_decode_attention(queries, keys, values, slot_bias, scaling, log_mass=
     used_slots: a one-element integer tensor, or None: the slots from this index on are unwritten room
     (their bias must be -inf); the kernels do not read them. The reference reads every slot.
     out_dtype: the output's dtype (the kernels compute in float32 and round once when they store).
+
+    Ragged layout (heads holding different numbers of slots), with head_starts and head_used, int32
+    or int64 tensors (b, hkv) on the device: keys, values (b, T, d) and slot_bias (b, T) hold one flat
+    run of slots per sample, and KV head h of sample b attends over slots
+    [head_starts[b, h], head_starts[b, h] + head_used[b, h]) of it; nothing else is read (a head with
+    no slot is a row with every slot -inf above). max_head_slots: a host-side bound of head_used that
+    plans the split (num_splits then counts chunks of the longest head); None reads it from head_used,
+    which waits for the device (no CUDA graph capture). The kernels read at most max_head_slots slots
+    of a head; the reference refuses a head_used above it. used_slots is for the uniform layout only.
     """
-    _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean)
+    _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean, head_starts, head_used)
+    if head_starts is None and max_head_slots is not None:
+        raise ValueError("max_head_slots is for the ragged layout: pass it with head_starts and head_used")
+    if head_starts is not None and used_slots is not None:
+        raise ValueError("used_slots is for the uniform layout; in the ragged one head_used says what each head reads")
+    if max_head_slots is not None and (not isinstance(max_head_slots, int) or max_head_slots < 0):
+        raise ValueError(f"max_head_slots must be a non-negative int, got {max_head_slots!r}")
     head_dim = queries.shape[-1]
     if head_dim not in HEAD_DIMS:
         if force_triton:
@@ -228,33 +286,43 @@ def merged_decode_attention(queries, keys, values, slot_bias, scaling, log_mass=
         force_triton = False  # the plain-torch composition takes any head_dim
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"merged_decode_attention: num_splits must be at least 1, got {num_splits}")
+    ragged = {"head_starts": head_starts, "head_used": head_used, "max_head_slots": max_head_slots}
     if not _takes_triton_path(queries, force_triton):
-        output = merged_decode_attention_reference(queries, keys, values, slot_bias, scaling, log_mass, state_mean)
+        output = merged_decode_attention_reference(queries, keys, values, slot_bias, scaling, log_mass, state_mean,
+                                                   **ragged)
         return output.to(out_dtype)
     return _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_mean, num_splits, used_slots,
-                           out_dtype)
+                           out_dtype, **ragged)
 
 
-def _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean):
+def _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean, head_starts=None, head_used=None):
     """Shapes, dtypes and devices, with messages that say which argument is wrong."""
-    for name, tensor, dims in [("queries", queries, 4), ("keys", keys, 4), ("values", values, 4),
-                               ("slot_bias", slot_bias, 3)]:
+    if (head_starts is None) != (head_used is None):
+        raise ValueError("head_starts and head_used go together: pass both (the ragged layout) or neither")
+    ragged = head_starts is not None
+    kv_dims = 3 if ragged else 4  # ragged: (b, T, d), every head's run in one flat run per sample
+    for name, tensor, dims in [("queries", queries, 4), ("keys", keys, kv_dims), ("values", values, kv_dims),
+                               ("slot_bias", slot_bias, kv_dims - 1)]:
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != dims:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{name} must be a {dims}-d tensor, got {shape}")
+            layout = " (the ragged layout, with head_starts)" if ragged and name != "queries" else ""
+            raise ValueError(f"{name} must be a {dims}-d tensor{layout}, got {shape}")
     batch, kv_heads, num_rows, head_dim = queries.shape
-    num_slots = keys.shape[2]
-    expected = {"keys": (batch, kv_heads, num_slots, head_dim), "values": (batch, kv_heads, num_slots, head_dim),
-                "slot_bias": (batch, kv_heads, num_slots)}
+    num_slots = keys.shape[-2]
+    run = (batch, num_slots) if ragged else (batch, kv_heads, num_slots)
+    expected = {"keys": (*run, head_dim), "values": (*run, head_dim), "slot_bias": run}
     if (log_mass is None) != (state_mean is None):
         raise ValueError("log_mass and state_mean go together: pass both or neither")
     if log_mass is not None:
         expected |= {"log_mass": (batch, kv_heads, num_rows), "state_mean": (batch, kv_heads, num_rows, head_dim)}
-    given = {"keys": keys, "values": values, "slot_bias": slot_bias, "log_mass": log_mass, "state_mean": state_mean}
+    if ragged:
+        expected |= {"head_starts": (batch, kv_heads), "head_used": (batch, kv_heads)}
+    given = {"keys": keys, "values": values, "slot_bias": slot_bias, "log_mass": log_mass, "state_mean": state_mean,
+             "head_starts": head_starts, "head_used": head_used}
     for name, shape in expected.items():
         if tuple(given[name].shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(given[name].shape)}, expected {shape} "
-                             f"from queries {tuple(queries.shape)} (b, hkv, m, d) and keys' S = {num_slots}")
+            raise ValueError(f"{name} has shape {tuple(given[name].shape)}, expected {shape} from queries "
+                             f"{tuple(queries.shape)} (b, hkv, m, d) and keys' {'T' if ragged else 'S'} = {num_slots}")
     if keys.dtype not in KV_DTYPES or values.dtype != keys.dtype:
         raise ValueError(f"keys and values must share one dtype among bfloat16, float16, float32; "
                          f"got {keys.dtype} and {values.dtype}")
@@ -262,9 +330,26 @@ def _check_inputs(queries, keys, values, slot_bias, log_mass, state_mean):
     for name, tensor in zip(["queries", "slot_bias", "log_mass", "state_mean"], tensors):
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
-    devices = {tensor.device for tensor in [keys, values, *tensors]}
+    indices = [head_starts, head_used] if ragged else []
+    for name, tensor in zip(["head_starts", "head_used"], indices):
+        if tensor.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an int32 or int64 tensor, got {tensor.dtype}")
+    devices = {tensor.device for tensor in [keys, values, *tensors, *indices]}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _head_runs(head_starts, head_used, total_slots: int, max_head_slots: int | None) -> list[list[tuple[int, int]]]:
+    """[b][h] -> (start, used) of each head's run, checked to lie inside the T slots (this reads the device)."""
+    runs = [list(zip(starts, used)) for starts, used in zip(head_starts.tolist(), head_used.tolist())]
+    for b, h in itertools.product(range(len(runs)), range(len(runs[0]) if runs else 0)):
+        start, used = runs[b][h]
+        if start < 0 or used < 0 or start + used > total_slots:
+            raise ValueError(f"head ({b}, {h}) reads slots [{start}, {start + used}): they must lie in "
+                             f"[0, {total_slots}), the T slots of keys")
+        if max_head_slots is not None and used > max_head_slots:
+            raise ValueError(f"head_used[{b}, {h}] = {used} is over max_head_slots = {max_head_slots}")
+    return runs
 
 
 def _takes_triton_path(queries, force_triton) -> bool:
@@ -301,12 +386,31 @@ def _block_slots(head_dim: int, element_size: int) -> int:
     return min(64, max(16, 16384 // (head_dim * element_size)))
 
 
-def _split_plan(num_slots, programs_per_split, block_slots, sm_count, num_splits=None) -> tuple[int, int]:
-    """(number of chunks, slots per chunk): chunks of whole tiles, enough of them to fill the GPU."""
-    if num_splits is None:
-        num_splits = triton.cdiv(PROGRAMS_PER_SM * sm_count, programs_per_split)
+def _split_plan(num_slots, programs_per_split, block_slots, sm_count, num_splits=None,
+                typical_slots=None) -> tuple[int, int]:
+    """(number of chunks, slots per chunk): chunks of whole tiles over num_slots, enough of them to fill
+    the GPU; a given num_splits divides num_slots. A ragged cache (typical_slots: its average head, num_slots
+    its longest) cuts its longest head into as many chunks as its average head, or into chunks of
+    RAGGED_MIN_CHUNK slots where those are more, and never into chunks shorter than the average head's."""
+    if num_splits is not None:
+        return _chunks(num_slots, num_splits, block_slots)
+    num_splits = triton.cdiv(PROGRAMS_PER_SM * sm_count, programs_per_split)
+    if typical_slots is None or typical_slots >= num_slots:
+        return _chunks(num_slots, num_splits, block_slots)
+    typical_splits, typical_chunk = _chunks(typical_slots, num_splits, block_slots)
+    chunk = max(typical_chunk, min(_chunks(num_slots, typical_splits, block_slots)[1], RAGGED_MIN_CHUNK))
+    return max(1, triton.cdiv(num_slots, chunk)), chunk
+
+
+def _chunks(num_slots, num_splits, block_slots) -> tuple[int, int]:
+    """num_slots cut into about num_splits chunks of whole tiles: (number of chunks, slots per chunk)."""
     chunk = max(1, triton.cdiv(triton.cdiv(num_slots, num_splits), block_slots)) * block_slots
     return max(1, triton.cdiv(num_slots, chunk)), chunk
+
+
+def _combine_group(block_rows: int, head_dim: int) -> int:
+    # the group's partial sums sit in registers together: at most 8192 floats of them, as _block_rows allows
+    return max(1, min(COMBINE_SPLIT_GROUP, 8192 // (block_rows * head_dim)))
 
 
 def _last_dim_contiguous(tensor):
@@ -314,9 +418,9 @@ def _last_dim_contiguous(tensor):
 
 
 def _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_mean, num_splits, used_slots=None,
-                    out_dtype=torch.float32):
+                    out_dtype=torch.float32, head_starts=None, head_used=None, max_head_slots=None):
     batch, kv_heads, num_rows, head_dim = queries.shape
-    num_slots = keys.shape[2]
+    ragged = head_starts is not None
     device = queries.device
     output = torch.empty(batch, kv_heads, num_rows, head_dim, dtype=out_dtype, device=device)
     if output.numel() == 0:
@@ -328,34 +432,44 @@ def _triton_forward(queries, keys, values, slot_bias, scaling, log_mass, state_m
         log_mass, state_mean = log_mass.float(), _last_dim_contiguous(state_mean.float())
     else:  # never read (HAS_STATE is off); any tensor will do for the pointers
         log_mass, state_mean = output, output
+    if ragged:
+        if max_head_slots is None:
+            max_head_slots = max((used for runs in _head_runs(head_starts, head_used, keys.shape[1], None)
+                                  for _, used in runs), default=0)
+        # the head axis has no stride: a head's run starts at head_starts slots into its sample's run
+        num_slots, typical_slots = max_head_slots, triton.cdiv(keys.shape[1], kv_heads)
+        key_strides, value_strides = (keys.stride(0), 0, keys.stride(1)), (values.stride(0), 0, values.stride(1))
+        bias_strides = (slot_bias.stride(0), 0, slot_bias.stride(1))
+        used, starts = head_used.contiguous(), head_starts.contiguous()
+    else:
+        num_slots, typical_slots = keys.shape[2], None
+        key_strides, value_strides, bias_strides = keys.stride()[:3], values.stride()[:3], slot_bias.stride()
+        used, starts = output if used_slots is None else used_slots, output  # unread where HAS_USED / RAGGED are off
 
     kv_fp32 = keys.dtype == torch.float32
     block_m = _block_rows(num_rows, head_dim, kv_fp32)
     block_n = _block_slots(head_dim, keys.element_size())
     row_blocks = triton.cdiv(num_rows, block_m)
-    num_splits, chunk = _split_plan(num_slots, batch * kv_heads * row_blocks, block_n, _sm_count(device), num_splits)
+    num_splits, chunk = _split_plan(num_slots, batch * kv_heads * row_blocks, block_n, _sm_count(device), num_splits,
+                                    typical_slots)
     part_max = torch.empty(batch * kv_heads, num_splits, num_rows, dtype=torch.float32, device=device)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty(batch * kv_heads, num_splits, num_rows, head_dim, dtype=torch.float32, device=device)
 
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         _partial_attention[(num_splits, batch * kv_heads, row_blocks)](
-            queries, keys, values, slot_bias, output if used_slots is None else used_slots,  # USED: unread if None
-            part_max, part_sum, part_acc,
+            queries, keys, values, slot_bias, used, starts, part_max, part_sum, part_acc,
             scaling * math.log2(math.e), num_rows, num_slots, chunk, num_splits, kv_heads,
-            queries.stride(0), queries.stride(1), queries.stride(2),
-            keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-            slot_bias.stride(0), slot_bias.stride(1), slot_bias.stride(2),
+            queries.stride(0), queries.stride(1), queries.stride(2), *key_strides, *value_strides, *bias_strides,
             BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
             KV_FP32=kv_fp32, SPLIT_QUERIES=not kv_fp32 and queries.dtype != keys.dtype, INTERPRETED=_INTERPRETED,
-            HAS_USED=used_slots is not None, num_warps=4, num_stages=2 if kv_fp32 else 3,
+            HAS_USED=used_slots is not None, RAGGED=ragged, num_warps=4, num_stages=2 if kv_fp32 else 3,
         )
         _combine_and_merge[(batch * kv_heads, row_blocks)](
             part_max, part_sum, part_acc, log_mass, state_mean, output,
             num_rows, num_splits, kv_heads,
             *log_mass.stride()[:3], *state_mean.stride()[:3],
-            BLOCK_M=block_m, HEAD_DIM=head_dim, HAS_STATE=has_state,
+            BLOCK_M=block_m, HEAD_DIM=head_dim, HAS_STATE=has_state, SPLIT_GROUP=_combine_group(block_m, head_dim),
             num_warps=4,
         )
     return output
-

@@ -8,6 +8,7 @@ reference rounds to the model's dtype, and so does the kernel at the same points
   add_rms_norm   the residual add and the RMSNorm that follows it (Llama, Mistral, Qwen2's norm)
   rotary_write   RoPE (rotate-half) of the new token's queries and keys, and the key and value
                  written into a static cache layer at its write index, the slot's bias set to 0
+                 (one index for every head, or in a ragged layer each head's own slot)
   silu_mul       silu(gate) * up, the gated MLP's middle
 
 On CPU tensors, or without triton, the references run (the CPU path and the tests' reference);
@@ -72,7 +73,7 @@ if triton is not None:
 
     @triton.jit
     def _rotary_write(Q, K, V, COS, SIN, Q_OUT, CACHE_K, CACHE_V, CACHE_BIAS, WRITE_INDEX,
-                      heads, kv_heads, capacity, HALF: tl.constexpr):
+                      heads, kv_heads, capacity, HALF: tl.constexpr, RAGGED: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         dims = 2 * HALF
@@ -85,9 +86,11 @@ if triton is not None:
             tl.store(target + HALF + first, out2)
         else:
             kv = head - heads
-            slot = tl.load(WRITE_INDEX).to(tl.int64)
+            if RAGGED:  # (b, T, d) caches: each head writes its own slot of its sample's flat run
+                row = b * capacity + tl.load(WRITE_INDEX + b * kv_heads + kv).to(tl.int64)
+            else:
+                row = (b * kv_heads + kv) * capacity + tl.load(WRITE_INDEX).to(tl.int64)
             out1, out2 = _rotate(K + (b * kv_heads + kv) * dims, cos, sin, HALF)
-            row = (b * kv_heads + kv) * capacity + slot
             tl.store(CACHE_K + row * dims + first, out1.to(CACHE_K.dtype.element_ty))
             tl.store(CACHE_K + row * dims + HALF + first, out2.to(CACHE_K.dtype.element_ty))
             whole = tl.arange(0, 2 * HALF)
@@ -140,10 +143,18 @@ def rotate_half(x):
 
 def rotary_write_reference(queries, keys, values, cos, sin, cache_keys, cache_values, cache_bias, write_index):
     """queries (b, heads, d), keys/values (b, kv_heads, d), cos/sin (b, d) -> rotated queries (b, heads, d);
-    the rotated keys and the values written at `write_index` (a one-element tensor) of the cache layer."""
+    the rotated keys and the values written into the cache layer at `write_index`: a one-element tensor for
+    a uniform layer (b, kv_heads, C, d), each head's slot (b, kv_heads) for a ragged one (b, T, d)."""
     cos, sin = cos[:, None, :], sin[:, None, :]
     rotated_queries = (queries * cos) + (rotate_half(queries) * sin)
     rotated_keys = (keys * cos) + (rotate_half(keys) * sin)
+    if _is_ragged(keys, cache_keys, write_index):
+        samples = torch.arange(cache_keys.shape[0], device=cache_keys.device)[:, None]
+        index = write_index.long()
+        cache_keys[samples, index] = rotated_keys.to(cache_keys.dtype)
+        cache_values[samples, index] = values.to(cache_values.dtype)
+        cache_bias[samples, index] = 0.0
+        return rotated_queries
     index = write_index.view(1)
     cache_keys.index_copy_(2, index, rotated_keys[:, :, None].to(cache_keys.dtype))
     cache_values.index_copy_(2, index, values[:, :, None].to(cache_values.dtype))
@@ -152,19 +163,38 @@ def rotary_write_reference(queries, keys, values, cos, sin, cache_keys, cache_va
 
 
 def rotary_write(queries, keys, values, cos, sin, cache_keys, cache_values, cache_bias, write_index):
-    """RoPE of the new token's queries and keys and the static cache write, in one kernel on CUDA."""
+    """RoPE of the new token's queries and keys and the static cache write, in one kernel on CUDA.
+
+    A uniform cache layer: cache_keys/values (b, kv_heads, C, d), cache_bias (b, kv_heads, C), write_index
+    a one-element tensor, the same slot for every head. A ragged one: cache_keys/values (b, T, d),
+    cache_bias (b, T), write_index (b, kv_heads) integers, each head's absolute slot in its sample's run."""
+    ragged = _is_ragged(keys, cache_keys, write_index)
     half = queries.shape[-1] // 2
-    if not fused(queries) or half < 16 or half & (half - 1) or not cache_keys.is_contiguous():
+    contiguous = all(cache.is_contiguous() for cache in (cache_keys, cache_values, cache_bias))
+    if not fused(queries) or half < 16 or half & (half - 1) or not contiguous:
         return rotary_write_reference(queries, keys, values, cos, sin, cache_keys, cache_values, cache_bias,
                                       write_index)
     batch, heads, head_dim = queries.shape
-    kv_heads, capacity = cache_keys.shape[1], cache_keys.shape[2]
+    kv_heads, capacity = keys.shape[1], cache_keys.shape[-2]
     queries, keys, values = queries.contiguous(), keys.contiguous(), values.contiguous()
     cos, sin = cos.to(queries.dtype).contiguous(), sin.to(queries.dtype).contiguous()
     rotated = torch.empty_like(queries)
     _rotary_write[(batch, heads + kv_heads)](queries, keys, values, cos, sin, rotated, cache_keys, cache_values,
-                                             cache_bias, write_index, heads, kv_heads, capacity, HALF=head_dim // 2)
+                                             cache_bias, write_index.contiguous(), heads, kv_heads, capacity,
+                                             HALF=head_dim // 2, RAGGED=ragged)
     return rotated
+
+
+def _is_ragged(keys, cache_keys, write_index) -> bool:
+    """Whether the cache layer is ragged ((b, T, d), a slot per head) or uniform ((b, kv_heads, C, d), one slot)."""
+    ragged = cache_keys.dim() == 3
+    if ragged and tuple(write_index.shape) != tuple(keys.shape[:2]):
+        raise ValueError(f"a ragged cache layer (b, T, d) takes write_index (b, kv_heads) = {tuple(keys.shape[:2])}, "
+                         f"one slot per head; got {tuple(write_index.shape)}")
+    if not ragged and write_index.numel() != 1:
+        raise ValueError(f"a uniform cache layer (b, kv_heads, C, d) takes a one-element write_index; "
+                         f"got shape {tuple(write_index.shape)}")
+    return ragged
 
 
 # -- the gated MLP's middle ------------------------------------------------------------------------

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from .adakv import AdaKV, AdaPyramidKV
 from .base import Policy, SelectionInputs
 from .h2o import H2O
+from .headkv import HeadKV
+from .kvzip import KVzip, PyramidKVzip
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
@@ -14,6 +19,11 @@ _REGISTRY: dict[str, type[Policy] | None] = {
     "h2o": H2O,
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
+    "adakv": AdaKV,
+    "ada_pyramidkv": AdaPyramidKV,
+    "headkv": HeadKV,
+    "kvzip": KVzip,
+    "pyramid_kvzip": PyramidKVzip,
 }
 METHODS = tuple(_REGISTRY)
 ALIASES = {"full": "fullkv"}  # the needle seed's name for full KV
@@ -44,14 +54,24 @@ def build_policy(method: str, max_capacity_prompt=2048, window_size=None, **para
         window_size = max_capacity_prompt - STREAMING_SINKS if streaming else 8
         if cls is StreamingLLM:
             params["sinks"] = STREAMING_SINKS
+    fields = {field.name for field in dataclasses.fields(cls)} - {"max_capacity_prompt", "window_size"}
+    wrong = sorted(set(params) - fields)
+    if wrong:
+        raise ValueError(f"option {', '.join(wrong)} does not apply to method {cls.name!r}; its options are: "
+                         f"{', '.join(sorted(fields))}")
     return cls(max_capacity_prompt, window_size, **params)
 
 
 __all__ = [
     "H2O",
+    "AdaKV",
+    "AdaPyramidKV",
+    "HeadKV",
+    "KVzip",
     "METHODS",
     "Policy",
     "PyramidKV",
+    "PyramidKVzip",
     "SelectionInputs",
     "SnapKV",
     "StreamingLLM",

@@ -115,6 +115,9 @@ class Policy:
             raise ValueError(f"got {len(budget)} per-layer budgets for a model of {num_layers} layers")
         return budget
 
+    def check_model(self, num_layers: int, kv_heads: int) -> None:
+        """Raise if this policy cannot serve a model of this shape (HeadKV's scores are per model)."""
+
     def min_exact(self) -> int:
         """The fewest exact tokens a layer may keep (more than the window)."""
         return self.window_size + 1
@@ -143,6 +146,17 @@ class Policy:
         return pooled[..., :n].reshape(batch, heads, n)
 
     # -- selection -----------------------------------------------------------------------------
+    def selection_scores(self, inputs: SelectionInputs, layer_idx: int) -> torch.Tensor:
+        """Scores (batch, kv_heads, n - window) the top-k reads: `prefix_scores`, pooled, -inf at padding."""
+        n = inputs.keys.shape[2]
+        window = min(self.window_size, n)
+        prefix_valid = inputs.valid[:, None, : n - window]
+        scores = self.prefix_scores(inputs, layer_idx).float()
+        scores = scores.masked_fill(~prefix_valid, 0.0)  # padding neither boosts nor hides a neighbour
+        if self.pooled:
+            scores = self.pool(scores)
+        return scores.masked_fill(~prefix_valid, -math.inf)
+
     @torch.no_grad()
     def select(self, inputs: SelectionInputs, layer_idx: int, exact_tokens: int) -> torch.Tensor:
         """Indices (batch, kv_heads, exact_tokens) into the prompt, ascending, of the entries to keep.
@@ -152,17 +166,11 @@ class Policy:
         """
         batch, kv_heads, n, _ = inputs.keys.shape
         window = min(self.window_size, n)
-        prefix_valid = inputs.valid[:, None, : n - window]
-        scores = self.prefix_scores(inputs, layer_idx).float()
-        scores = scores.masked_fill(~prefix_valid, 0.0)  # padding neither boosts nor hides a neighbour
-        if self.pooled:
-            scores = self.pool(scores)
-        scores = scores.masked_fill(~prefix_valid, -math.inf)
+        scores = self.selection_scores(inputs, layer_idx)
         # a stable sort breaks ties (maxpool makes many) towards earlier tokens, wherever padding puts them
         top = scores.sort(dim=-1, descending=True, stable=True).indices[..., : exact_tokens - window]
         window_indices = torch.arange(n - window, n, device=top.device).expand(batch, kv_heads, window)
         return torch.cat([top, window_indices], dim=-1).sort(dim=-1).values
-
 
     def select_heads(self, inputs: SelectionInputs, layer_idx: int, exact_tokens: int):
         """(kept, padded): kept (batch, kv_heads, k) indices as `select` gives them, and padded (batch,
@@ -170,6 +178,23 @@ class Policy:
         row is its kept tokens ascending, with repeats of its first one in front as padding (`padded`
         True there; the cache gives them bias -inf and drops them when it packs the heads)."""
         return self.select(inputs, layer_idx, exact_tokens), None
+
+
+def head_rows(chosen: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `select_heads` form of a head-wise choice: chosen (batch, kv_heads, n - window) bool marks the
+    prefix tokens each head keeps; every head also keeps the `window` last tokens. Returns kept (batch,
+    kv_heads, most) ascending per head, with repeats of the head's first kept token in front where it
+    keeps fewer than the most, and padded (batch, kv_heads, most) True at those repeats."""
+    batch, kv_heads, prefix = chosen.shape
+    n = prefix + window
+    kept_mask = torch.cat([chosen, chosen.new_ones(batch, kv_heads, window)], dim=-1)
+    most = int(kept_mask.sum(dim=-1).max())
+    positions = torch.arange(n, device=chosen.device).expand(batch, kv_heads, n)
+    # not-kept positions sort first as -1; the last `most` entries are each head's kept tokens ascending
+    rows = torch.where(kept_mask, positions, -1).sort(dim=-1).values[..., n - most:]
+    padded = rows < 0
+    first = torch.where(padded, n, rows).amin(dim=-1, keepdim=True)
+    return torch.where(padded, first, rows), padded
 
 
 def window_attention(inputs: SelectionInputs, window: int) -> torch.Tensor:

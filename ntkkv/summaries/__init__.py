@@ -7,7 +7,9 @@ A new summary is one file here and one line in `_REGISTRY`.
 from __future__ import annotations
 
 from .base import DEFAULT_STATE_BUDGET, ClusterSummary, LayerPlan, Summarised, Summary, SummaryState
+from .cam import CAM
 from .exact import Exact, ExactState, Linear, LinearState
+from .fitted import Fitted
 from .learned import Learned, LearnedFeatures
 from .merge import Merge
 from .taylor import SeedTaylor, Taylor
@@ -24,6 +26,8 @@ _REGISTRY: dict[str, tuple[type[ClusterSummary], dict] | None] = {
     "taylor2_lowrank": (Taylor, {"order": 2, "pairs": "full", "rank": 4}),
     "seed_taylor": (SeedTaylor, {}),
     "learned": (Learned, {}),
+    "fitted": (Fitted, {}),
+    "cam": (CAM, {}),
 }
 SUMMARIES = tuple(_REGISTRY)
 ALIASES = {"ratchetkv": "seed_taylor"}  # the seed repository's name for its state
@@ -35,6 +39,12 @@ def canonical_summary(name: str) -> str:
     if canonical not in _REGISTRY:
         raise ValueError(f"unknown summary {name!r}; choose one of: {', '.join(SUMMARIES)}")
     return canonical
+
+
+def refits_kept(name: str) -> bool:
+    """Whether the summary of this name refits the kept slots (zero extra memory, no clusters)."""
+    entry = _REGISTRY[canonical_summary(name)]
+    return entry is not None and entry[0].refits_kept
 
 
 def build_summary(summary, state_budget=None, cluster_by=None, rank=None, summary_path=None) -> Summary | None:
@@ -55,6 +65,8 @@ def build_summary(summary, state_budget=None, cluster_by=None, rank=None, summar
     options = dict(options)
     for field, value in (("state_budget", state_budget), ("cluster_by", cluster_by)):
         if value is not None:
+            if not issubclass(cls, ClusterSummary):  # fitted, cam: no share of memory, no clusters
+                raise ValueError(f"{field} applies to the cluster summaries, not {name!r}")
             options[field] = value
     if rank is not None:
         if name != "taylor2_lowrank":
@@ -68,7 +80,7 @@ def build_summary(summary, state_budget=None, cluster_by=None, rank=None, summar
 
 
 __all__ = [
-    "DEFAULT_STATE_BUDGET", "SUMMARIES", "ClusterSummary", "Exact", "ExactState", "LayerPlan", "Learned",
+    "CAM", "DEFAULT_STATE_BUDGET", "SUMMARIES", "ClusterSummary", "Exact", "ExactState", "LayerPlan", "Learned",
     "LearnedFeatures", "Linear", "LinearState", "Merge", "MergeVariance", "SeedTaylor", "Summarised", "Summary",
-    "SummaryState", "Taylor", "build_summary", "canonical_summary",
+    "SummaryState", "Taylor", "build_summary", "canonical_summary", "Fitted",
 ]

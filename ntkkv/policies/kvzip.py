@@ -1,0 +1,61 @@
+"""KVzip: keep what the model needs to repeat its context (Kim et al., 2025).
+
+The model reads a request to repeat its context and then the context itself, over the full cache
+(`ntkkv.reconstruction`); a cached token scores the most attention any of those queries, and any query
+head of its KV head, gives it. No question is needed: the kept cache serves any later question.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Policy, SelectionInputs, is_int
+from .pyramidkv import PyramidKV
+
+MISSING_SCORES = "kvzip needs its reconstruction pass: run through ntkkv.generate / the CLIs"
+
+
+@dataclass
+class KVzip(Policy):
+    """Scores from context reconstruction, worked out before the layer is compressed (`SelectionInputs.scores`);
+    not pooled (as in the paper); the window's last tokens are kept as by every method.
+
+    sinks: the first real tokens, always kept and never repeated; the reconstruction's softmax includes them.
+    chunk_size: context tokens repeated per reconstruction forward (the paper's 2K); the pass's extra
+        memory follows it, not the context's length.
+    query_block: reconstruction queries scored at a time (None: about 2**26 attention weights a block).
+    """
+
+    sinks: int = 4
+    chunk_size: int = 2048
+    query_block: int | None = None
+
+    name = "kvzip"
+    pooled = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not is_int(self.sinks) or self.sinks < 0:
+            raise ValueError(f"sinks must be an integer ≥ 0, got {self.sinks!r}")
+        if not is_int(self.chunk_size) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if self.query_block is not None and (not is_int(self.query_block) or self.query_block < 1):
+            raise ValueError(f"query_block must be a positive integer or None, got {self.query_block!r}")
+
+    def prefix_scores(self, inputs: SelectionInputs, layer_idx: int) -> torch.Tensor:
+        if inputs.scores is None:
+            raise ValueError(MISSING_SCORES)
+        n = inputs.keys.shape[2]
+        window = min(self.window_size, n)
+        sink = inputs.valid & (inputs.valid.long().cumsum(dim=-1) <= self.sinks)
+        return inputs.scores[..., : n - window].float().masked_fill(sink[:, None, : n - window], math.inf)
+
+
+@dataclass
+class PyramidKVzip(KVzip, PyramidKV):
+    """KVzip's scores with PyramidKV's budgets, falling from the bottom layer to the top (`beta`)."""
+
+    name = "pyramid_kvzip"
