@@ -43,7 +43,11 @@ def parse_args(argv=None):
     parser.add_argument("--budget", type=int, default=None, help="max_capacity_prompt (default 1024; tiny 64)")
     parser.add_argument("--steps", type=int, default=None, help="decode steps timed (default 64; tiny 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed decode runs, median taken")
-    parser.add_argument("--head_scores", default=None, help="a head-scores file for the model (default synthetic)")
+    parser.add_argument("--head_scores", default=None,
+                        help="a head-scores file for the model (default: synthetic for the random model, the policy's "
+                             "default (SmolLM2's) with --model_path)")
+    parser.add_argument("--model_path", default=None,
+                        help="a real model instead of the random 8B shape (smollm2, a folder, a .gguf file)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 4-layer toy model (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
@@ -121,8 +125,9 @@ def run_case(model, method, options, length, batch, args) -> dict:
 
 def table(rows, args, config) -> str:
     gib = lambda value: "" if value is None else f"{value:.3f}"  # noqa: E731
-    shape = "A 4-layer toy" if args.tiny else "Llama-3-8B-shaped"
-    lines = [f"{shape} model, random weights ({config.num_hidden_layers} layers, "
+    shape = args.model_path or ("A 4-layer toy model, random weights" if args.tiny
+                                else "Llama-3-8B-shaped model, random weights")
+    lines = [f"{shape} ({config.num_hidden_layers} layers, "
              f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads), "
              f"{str(model_dtype(args)).replace('torch.', '')}; budget {args.budget} per layer and KV head; decode "
              f"{args.steps} steps, median of {args.repeats}.", "",
@@ -143,13 +148,18 @@ def model_dtype(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    model = build_model(args.tiny, args.device, model_dtype(args), args.seed)
+    if args.model_path:
+        model, _ = ntkkv.load_model(args.model_path, dtype=model_dtype(args), device_map=str(args.device))
+    else:
+        model = build_model(args.tiny, args.device, model_dtype(args), args.seed)
     rows = []
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
-        scores = args.head_scores or synthetic_head_scores(model.config, Path(folder) / "scores.json", args.seed)
+        scores = args.head_scores
+        if scores is None and not args.model_path:
+            scores = synthetic_head_scores(model.config, Path(folder) / "scores.json", args.seed)
         for length, batch in args.cases:
             for method in args.methods:
-                options = {"head_scores": scores} if method == "headkv" else {}
+                options = {"head_scores": scores} if method == "headkv" and scores else {}
                 rows.append(run_case(model, method, options, length, batch, args))
                 release(args.device)
                 print(f"[{length:>7,} × {batch}] {method:<14} {rows[-1]['ms']:.2f} ms/token, cache "

@@ -765,3 +765,24 @@ def test_every_pending_sample_is_built_before_anything_is_written(model_dir, ess
         run_cli(*cli_arguments(model_dir, essays, tmp_path, "--tasks", "vt,niah_single_1", "--lengths", VT_LENGTH,
                                "--num_samples", 2))
     assert not any(tmp_path.rglob("*.json"))
+
+
+@pytest.mark.slow  # one run_ruler.py process per method and budget
+def test_the_grid_runs_every_method_at_every_budget_and_tabulates_the_scores(model_dir, essays, tmp_path):
+    grid = load_script("benchmarks/ruler_grid.py")
+    out = tmp_path / "table.md"
+    with pytest.raises(SystemExit) as done:
+        grid.main(["--model_path", str(model_dir), "--model_name", "tiny", "--lengths", "1200", "--num_samples", "1",
+                   "--tasks", "vt", "--methods", "fullkv", "snapkv", "adakv+fitted", "--budgets", "16", "r0.5",
+                   "--jobs", "2", "--save_dir", str(tmp_path / "runs"), "--out", str(out),
+                   "--extra", "--haystack_dir", str(essays)])
+    assert done.value.code == 0
+    for folder, method in (("tiny_128", "fullkv"), ("tiny_16", "snapkv"), ("tiny_ratio0.5", "snapkv"),
+                           ("tiny_16", "adakv_fitted"), ("tiny_ratio0.5", "adakv_fitted")):
+        assert (tmp_path / "runs" / folder / "1200" / "vt" / f"{method}.json").is_file(), (folder, method)
+    table = out.read_text()
+    averages = table.split("each task")[0]
+    for method in ("fullkv", "snapkv", "adakv_fitted"):
+        row = next(line for line in averages.splitlines() if line.startswith(f"| {method} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")[1:]]
+        assert len(cells) == 2 and all(0 <= float(cell) <= 100 for cell in cells), row
