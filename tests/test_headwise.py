@@ -15,7 +15,7 @@ from ntkkv.policies import AdaKV, HeadKV, SelectionInputs, SnapKV
 from ntkkv.policies.adakv import adaptive_choice
 from ntkkv.policies.base import head_rows
 from ntkkv.policies.headkv import head_budgets
-from tiny import random_prompt, tiny_head_scores, tiny_model
+from tiny import batch_with_padding, random_prompt, tiny_head_scores, tiny_model
 
 OPTIONS = dict(max_new_tokens=7, min_new_tokens=7, output_logits=True, return_dict_in_generate=True)
 
@@ -109,14 +109,6 @@ class PaddedAdaKV(AdaKV):
 
     def select_heads(self, inputs, layer_idx, exact_tokens):
         return AdaKV.select_heads(self, inputs, layer_idx, exact_tokens)
-
-
-def batch_with_padding():
-    prompt = random_prompt(90, batch=3, seed=3)
-    mask = torch.ones_like(prompt)
-    mask[1, :17] = 0
-    mask[2, :52] = 0
-    return prompt, mask
 
 
 def assert_same_logits(ours, theirs):

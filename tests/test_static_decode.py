@@ -11,7 +11,7 @@ import ntkkv
 from ntkkv.cache import CompressedCache, StaticCache
 from ntkkv.generation import StaticDecoder, _prefill_rows
 from ntkkv.summaries import SUMMARIES, ClusterSummary, Exact, Learned, LearnedFeatures, build_summary
-from tiny import random_prompt, tiny_model
+from tiny import batch_with_padding, random_prompt, tiny_model
 
 OPTIONS = dict(max_new_tokens=9, min_new_tokens=9, output_logits=True, return_dict_in_generate=True)
 
@@ -35,14 +35,6 @@ def summary_options(name):
     if not isinstance(build_summary(name), ClusterSummary):  # refits the kept slots: no state share
         return {"summary": name}
     return {"summary": name, "state_budget": 32 if name in ("taylor2", "taylor2_diag") else 0.5}
-
-
-def batch_with_padding():
-    prompt = random_prompt(90, batch=3, seed=3)
-    mask = torch.ones_like(prompt)
-    mask[1, :17] = 0
-    mask[2, :52] = 0
-    return prompt, mask
 
 
 def assert_same(dynamic, static):

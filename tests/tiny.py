@@ -38,6 +38,15 @@ def random_prompt(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=generator)
 
 
+def batch_with_padding():
+    """Three 90-token prompts, the second and third left-padded by 17 and 52 tokens."""
+    prompt = random_prompt(90, batch=3, seed=3)
+    mask = torch.ones_like(prompt)
+    mask[1, :17] = 0
+    mask[2, :52] = 0
+    return prompt, mask
+
+
 def save_chat_llama(folder, tokenizer, max_positions: int = 1024):
     """A two-layer Llama sized to `tokenizer`, saved with it in `folder` (the runners' tests load it by path)."""
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
