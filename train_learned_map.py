@@ -44,6 +44,13 @@ def parse_args(argv=None):
     parser.add_argument("--num_features", type=int, default=defaults.num_features,
                         help="features per layer and KV head")
     parser.add_argument("--cluster_by", default=defaults.cluster_by, help="kmeans or position")
+    parser.add_argument("--route", action="store_true",
+                        help="train on the routed split (as --route at inference): the evicted tokens holding much "
+                             "of the window's attention get a cluster each, the others hold the diffuse tokens")
+    parser.add_argument("--spike_threshold", type=float, default=defaults.spike_threshold,
+                        help="with --route: a spike holds this multiple of an average cluster's share")
+    parser.add_argument("--concentration", type=float, default=defaults.concentration,
+                        help="with --route: where the top tokens hold this share, every cluster is a token")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--weight_decay", type=float, default=defaults.weight_decay,
@@ -67,7 +74,7 @@ def parse_args(argv=None):
             max_capacity_prompt=args.max_capacity_prompt, state_budget=args.state_budget,
             window_size=args.window_size, num_features=args.num_features, steps=args.steps, lr=args.lr,
             weight_decay=args.weight_decay, eval_every=args.eval_every, cluster_by=args.cluster_by, seed=args.seed,
-            init=args.init)
+            init=args.init, route=args.route, spike_threshold=args.spike_threshold, concentration=args.concentration)
         check_args(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
         parser.error(str(error))

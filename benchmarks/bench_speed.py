@@ -56,6 +56,8 @@ CONFIGURATIONS = {
     "snapkv": ("snapkv", {}),
     "pyramidkv": ("pyramidkv", {}),
     "kvzip": ("kvzip", {}),  # its prefill time includes the reconstruction pass
+    "snapkv+fitted": ("snapkv", {"summary": "fitted"}),  # its prefill time includes the least-squares refit
+    "kvzip+fitted": ("kvzip", {"summary": "fitted"}),
     "snapkv+merge": ("snapkv", {"summary": "merge", "state_budget": 0.125}),
     "snapkv+learned": ("snapkv", {"summary": "learned", "state_budget": 0.125}),
 }

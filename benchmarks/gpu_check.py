@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import ntkkv
+from ntkkv.policies import build_policy
 from ntkkv.summaries import Exact
 
 NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
@@ -48,6 +49,11 @@ def left_padded(rows, pad_id, device):
     return ids.to(device), mask.to(device)
 
 
+def chosen(args, methods) -> list[str]:
+    """The methods of `methods` that --methods names (all without it)."""
+    return [method for method in methods if args.methods is None or method in args.methods]
+
+
 def max_logit_difference(a, b) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a.output.logits, b.output.logits))
 
@@ -58,11 +64,13 @@ def full_budget_identity(args, model_cache):
             model, tokenizer = model_cache(dtype, backend)
             ids, mask = left_padded([needle_ids(tokenizer, args.essays, 1500, 0.5)], tokenizer.pad_token_id,
                                     args.device)
-            reference = ntkkv.generate(model, ids, mask, decode="dynamic", max_new_tokens=24).new_tokens
+            reference = ntkkv.generate(model, ids, mask, decode="dynamic", max_new_tokens=24,
+                                       tokenizer=tokenizer).new_tokens
             same = {}
-            for method in ntkkv.METHODS:
+            for method in chosen(args, ntkkv.METHODS):
                 with ntkkv.compress(model, method, max_capacity_prompt=4096):
-                    same[method] = [ntkkv.generate(model, ids, mask, decode=mode, max_new_tokens=24).new_tokens
+                    same[method] = [ntkkv.generate(model, ids, mask, decode=mode, max_new_tokens=24,
+                                                  tokenizer=tokenizer).new_tokens
                                     == reference for mode in ("dynamic", "static")]
             print(f"[1] full budget, {dtype} {backend}: same tokens as the unpatched model (dynamic, static): {same}")
 
@@ -70,9 +78,12 @@ def full_budget_identity(args, model_cache):
 def exact_summary(args, model_cache):
     model, tokenizer = model_cache("float32", "sdpa")
     ids, mask = left_padded([needle_ids(tokenizer, args.essays, 1500, 0.5)], tokenizer.pad_token_id, args.device)
-    options = dict(max_new_tokens=24, min_new_tokens=24, output_logits=True, return_dict_in_generate=True)
+    options = dict(max_new_tokens=24, min_new_tokens=24, output_logits=True, return_dict_in_generate=True,
+                   tokenizer=tokenizer)
     reference = ntkkv.generate(model, ids, mask, decode="dynamic", **options)
-    for method in ntkkv.METHODS[1:]:
+    # an exact state is per KV head: the head-wise methods take refitting summaries only
+    uniform = [method for method in chosen(args, ntkkv.METHODS[1:]) if not build_policy(method).head_wise]
+    for method in uniform:
         for ratchet in (None, 4):
             with ntkkv.compress(model, method, max_capacity_prompt=128, summary=Exact(), ratchet=ratchet):
                 for mode in ("dynamic", "static"):
@@ -86,12 +97,13 @@ def batch_equals_alone(args, model_cache):
     model, tokenizer = model_cache("float32", "sdpa")
     rows = [needle_ids(tokenizer, args.essays, 1500, 0.5), needle_ids(tokenizer, args.essays, 900, 0.2)]
     ids, mask = left_padded(rows, tokenizer.pad_token_id, args.device)
-    for method in ntkkv.METHODS[1:]:
+    for method in chosen(args, ntkkv.METHODS[1:]):
         with ntkkv.compress(model, method, max_capacity_prompt=128):
             for mode in ("dynamic", "static"):
-                together = ntkkv.generate(model, ids, mask, decode=mode, max_new_tokens=16).new_tokens
+                together = ntkkv.generate(model, ids, mask, decode=mode, max_new_tokens=16,
+                                          tokenizer=tokenizer).new_tokens
                 alone = [ntkkv.generate(model, torch.tensor([row], device=args.device), decode=mode,
-                                        max_new_tokens=16).new_tokens[0] for row in rows]
+                                        max_new_tokens=16, tokenizer=tokenizer).new_tokens[0] for row in rows]
                 print(f"[3] batch of 2 (fp32) {method} {mode}: equal to alone: {together == alone}")
 
 
@@ -106,6 +118,10 @@ STATIC_CASES = [
     ("snapkv", {"summary": "learned", "summary_path": str(LEARNED), "state_budget": 0.125, "ratchet": 8}),
     ("snapkv", {"summary": "taylor2_lowrank", "state_budget": 0.25, "ratchet": 8}),
     ("streamingllm", {"summary": "seed_taylor", "state_budget": 67, "ratchet": 8}),
+    ("adakv", {}), ("ada_pyramidkv", {}), ("headkv", {}), ("kvzip", {}), ("pyramid_kvzip", {}),
+    ("adakv", {"summary": "cam"}), ("headkv", {"summary": "fitted"}), ("snapkv", {"summary": "fitted"}),
+    ("kvzip", {"summary": "fitted"}), ("snapkv", {"summary": "cam", "ratchet": 8}),
+    ("ada_kvzip", {}), ("ada_kvzip", {"summary": "fitted"}),
 ]
 
 
@@ -115,8 +131,11 @@ def static_against_dynamic(args, model_cache):
         rows = [needle_ids(tokenizer, args.essays, length, depth) for length, depth in ((1500, 0.5), (1100, 0.2),
                                                                                         (700, 0.8))]
         ids, mask = left_padded(rows, tokenizer.pad_token_id, args.device)
-        options = dict(max_new_tokens=32, min_new_tokens=32, output_logits=True, return_dict_in_generate=True)
+        options = dict(max_new_tokens=32, min_new_tokens=32, output_logits=True, return_dict_in_generate=True,
+                       tokenizer=tokenizer)
         for method, settings in STATIC_CASES[: 6 if args.quick else None]:
+            if method not in chosen(args, [method]):
+                continue
             budget = {} if method == "fullkv" else {"max_capacity_prompt": 128}
             with ntkkv.compress(model, method, **budget, **settings):
                 dynamic = ntkkv.generate(model, ids, mask, decode="dynamic", **options)
@@ -139,6 +158,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="fewer dtypes, backends and cases (a smoke run)")
     parser.add_argument("--only", type=int, nargs="*", default=None, help="run only these sections (1-4)")
+    parser.add_argument("--methods", nargs="*", default=None, help="check only these methods (default: every one)")
     args = parser.parse_args()
     import transformers
 

@@ -116,8 +116,11 @@ class CompressedLayer(CacheLayerMixin):
         self.ragged = None
         if compressed.head_counts is not None:
             self.ragged = RaggedPrefix.pack(self.keys, self.values, self.bias, compressed.head_counts)
-            self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
-            self.bias = self.bias[:, :, :0]
+            # new empty tensors, not views: a view would keep the padded rows' storage alive
+            batch, kv_heads, _, head_dim = self.keys.shape
+            self.keys = self.keys.new_empty(batch, kv_heads, 0, head_dim)
+            self.values = self.values.new_empty(batch, kv_heads, 0, head_dim)
+            self.bias = self.bias.new_empty(batch, kv_heads, 0)
             self.masked = True
         self.logical_length = logical_length
         self.state, self.merged_slots = compressed.state, compressed.merged_slots
@@ -445,9 +448,9 @@ class RaggedStaticLayer(StaticLayer):
             inside = torch.cat([kept_slot, kept_slot.new_ones(*prefix.counts.shape, tail)], dim=-1)
             target = target.masked_fill(~inside, width).flatten(1)
             held_bias = torch.cat([held_bias, held_bias.new_zeros(*prefix.counts.shape, tail)], dim=-1)
-            for buffer, held in ((keys, held_keys), (values, held_values)):
-                buffer[rows] = buffer[rows].scatter(1, target[..., None].expand(-1, -1, head_dim), held.flatten(1, 2))
-            bias[rows] = bias[rows].scatter(1, target, held_bias.flatten(1))
+            for buffer, held in ((keys, held_keys), (values, held_values)):  # in place: no copy of the layer
+                buffer[rows].scatter_(1, target[..., None].expand(-1, -1, head_dim), held.flatten(1, 2))
+            bias[rows].scatter_(1, target, held_bias.flatten(1))
             starts[rows], counts[rows] = head_starts, prefix.counts
             row += prefix.keys.shape[0]
         return cls(keys[:, :width], values[:, :width], bias[:, :width], starts, counts, region, ratchet)

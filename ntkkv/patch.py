@@ -21,7 +21,7 @@ from .summaries import build_summary
 
 POLICY_OPTIONS = ("window_size", "kernel_size", "pooling", "gqa_reduce", "max_capacity_prompt_ratio", "beta",
                   "query_block", "sinks", "alpha_safeguard", "head_scores", "head_beta", "chunk_size")
-SUMMARY_OPTIONS = ("state_budget", "cluster_by", "rank", "summary_path")
+SUMMARY_OPTIONS = ("state_budget", "cluster_by", "rank", "summary_path", "route", "spike_threshold", "concentration")
 # the names these options had before summaries were called summaries; still accepted
 OPTION_ALIASES = {"kernel": "summary", "kernel_path": "summary_path"}
 DEFAULT_BUDGET = 2048
@@ -30,7 +30,8 @@ DEFAULT_BUDGET = 2048
 def build_compressor(method: str | Policy | None = "snapkv", max_capacity_prompt=None, *, summary=None,
                      ratchet=None, **options) -> Compressor | None:
     """The `Compressor` for a policy (an object, or a method name with its options) and a summary
-    (an object, or a name with `state_budget`, `cluster_by`, `rank`, `summary_path`); None for fullkv.
+    (an object, or a name with `state_budget`, `cluster_by`, `rank`, `summary_path`, `route`, `spike_threshold`,
+    `concentration`); None for fullkv.
 
     Every bad value raises a ValueError naming it and what is allowed.
     """
@@ -78,10 +79,14 @@ def compress(model, method: str | Policy = "snapkv", max_capacity_prompt=None, *
         layer; default 2048): exact K/V entries plus, with a summary, the summary of the evicted tokens.
     window_size, kernel_size, pooling, gqa_reduce: the policy's options (see `ntkkv.policies.Policy`);
         max_capacity_prompt_ratio: a share of each sample's prompt instead of max_capacity_prompt;
-        alpha_safeguard (adakv, ada_pyramidkv), head_scores and head_beta (headkv): the head-wise policies'.
+        alpha_safeguard (adakv, ada_pyramidkv, ada_kvzip, ada_pyramid_kvzip), head_scores and head_beta
+        (headkv): the head-wise policies'.
     summary: what happens to evicted tokens: one of ntkkv.SUMMARIES ("none": dropped) or a summary
         object; state_budget (its share of the memory: a fraction < 1, or tokens; default 1/8),
-        cluster_by ("kmeans" or "position"), rank (taylor2_lowrank's), summary_path (learned's file).
+        cluster_by ("kmeans" or "position"), rank (taylor2_lowrank's), summary_path (learned's file);
+        route=True gives the evicted tokens holding much of the window's attention (share ≥
+        spike_threshold / clusters, default 1) a cluster each and clusters only the rest, all clusters
+        singletons where the top ones hold ≥ concentration (default 0.5) of it; same memory.
         `kernel=` and `kernel_path=` are accepted for summary and summary_path.
     ratchet: keep at most this many generated tokens exact; older ones fold into the summary
         (dropped without one), so memory stays flat. None: generated tokens all stay.

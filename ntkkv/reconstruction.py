@@ -108,6 +108,16 @@ def max_attention(queries, sink_keys, chunk_keys, own_keys, scaling: float, quer
     return best
 
 
+def read_scores(queries, keys, start: int, stop: int, sinks: int, scaling: float, query_block: int | None = None):
+    """(batch, kv_heads, stop - start) float32: the scores of the context's tokens [start, stop) from one chunk's
+    read, its queries (batch, heads, m, d) over `keys` (batch, kv_heads, context + m, d), the context's then the
+    read's own: `max_attention` with the softmax over the first `sinks` context keys, the chunk's and the read's."""
+    length = keys.shape[2] - queries.shape[2]
+    sinks = min(sinks, length)
+    return max_attention(queries, keys[:, :, :sinks], keys[:, :, start:stop], keys[:, :, length:], scaling,
+                         query_block)
+
+
 @dataclass
 class HoldingCompressor(Compressor):
     """The prefill's compressor while the reconstruction pass is pending: every layer keeps its whole
@@ -271,10 +281,7 @@ class Reconstruction:
         queries = sys.modules[type(module).__module__].apply_rotary_pos_emb(queries, queries, cos, sin)[0]
         layer = reading.layers[index]
         keys = layer.keys  # the sample's context, then the read's own keys
-        length = keys.shape[2] - m
-        sinks = min(self.policy.sinks, length)
-        best = max_attention(queries, keys[:, :, :sinks], keys[:, :, start:stop], keys[:, :, length:],
-                             module.scaling, self.policy.query_block)
+        best = read_scores(queries, keys, start, stop, self.policy.sinks, module.scaling, self.policy.query_block)
         scores[index][sample, :, first + start: first + stop] = best[0]
         if self._references is not None:
             picked = self._references["picked"][sample][chunk]

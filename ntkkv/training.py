@@ -4,8 +4,9 @@ Each calibration sequence is cut into a context (its first N tokens) and later q
 next M tokens). Per layer, the target is full softmax attention of the later queries over the
 context keys; the approximation is what the patched attention computes at the same memory:
 SnapKV keeps `plan.exact` context tokens exact, the others are clustered (k-means on the keys)
-into a `ClusterState` read through the learned features, and the two parts are merged through
-the log-sum-exp. The loss is the relative squared error ‖o − o*‖² / ‖o*‖², averaged over
+into a `ClusterState` read through the learned features (with `route`, the evicted tokens that
+hold much of the observation window's attention get a cluster each, as at inference), and the two
+parts are merged through the log-sum-exp. The loss is the relative squared error ‖o − o*‖² / ‖o*‖², averaged over
 queries, heads and layers; the parameters are per layer, so one Adam step moves every layer.
 
 Selection, clustering and the exact part do not depend on the features: they are computed once
@@ -31,10 +32,11 @@ from .compressor import assemble, evicted_mask, gather_tokens
 from .models import attention_modules, model_shape
 from .ops import merge_attention, reference_attention
 from .policies import SelectionInputs, SnapKV
-from .summaries import LayerPlan, Learned, Merge
+from .summaries import ClusterSummary, LayerPlan, Learned, Merge
 from .summaries.cluster_state import ClusterState
-from .summaries.clusters import CLUSTER_BY, assign_clusters, cluster_means
+from .summaries.clusters import CLUSTER_BY, cluster_means
 from .summaries.learned import INITS, LearnedFeatures
+from .summaries.routing import DEFAULT_CONCENTRATION, DEFAULT_SPIKE_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,9 @@ class TrainingConfig:
         overfits the few clusters a calibration set holds; decay keeps it smoother.
     eval_every: the held-aside loss is recorded every this many steps.
     cluster_by: "kmeans" or "position", as the summary does at inference.
+    route, spike_threshold, concentration: route the evicted tokens as the summary does at inference
+        with the same settings (`ntkkv.summaries.ClusterSummary`): the spikes get singleton clusters,
+        the others hold only the diffuse tokens, for the learned states and the merged-slot reference.
     seed: of the random features the training starts from.
     init: "merge" (start at the merged slot: W ≈ 0, no damping; the default) or "random" (positive
         random features, which start far from softmax at these scales and overfit).
@@ -144,6 +149,9 @@ class TrainingConfig:
     cluster_by: str = "kmeans"
     seed: int = 0
     init: str = "merge"
+    route: bool = False
+    spike_threshold: float = DEFAULT_SPIKE_THRESHOLD
+    concentration: float = DEFAULT_CONCENTRATION
 
     def __post_init__(self):
         for name in ("context_length", "query_length", "max_capacity_prompt", "window_size", "num_features",
@@ -168,11 +176,18 @@ class TrainingConfig:
             raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(INITS)}")
         if self.cluster_by not in CLUSTER_BY:
             raise ValueError(f"unknown cluster_by {self.cluster_by!r}; choose one of: {', '.join(CLUSTER_BY)}")
-        Merge(state_budget=self.state_budget)  # checks state_budget, naming the bad value
+        clustering_summary(self)  # checks state_budget and the routing settings, naming the bad value
 
     @property
     def sequence_length(self) -> int:
         return self.context_length + self.query_length
+
+
+def clustering_summary(config: TrainingConfig) -> Merge:
+    """The merged-slot summary of these settings; its clustering (`cluster`: cluster_by and routing) is
+    the learned states' too."""
+    return Merge(config.state_budget, config.cluster_by, route=config.route, spike_threshold=config.spike_threshold,
+                 concentration=config.concentration)
 
 
 def summary_plans(config: TrainingConfig, head_dim: int) -> dict[str, LayerPlan]:
@@ -200,7 +215,9 @@ class LayerCalibration:
 
     keys, values: (S, kv_heads, N, d) of the context; queries: (S, kv_heads, group·M, d), the
     later queries with the heads of a KV head's group stacked; target: their full attention
-    over the context; kept: for each number of exact tokens, SnapKV's indices (S, kv_heads, kept).
+    over the context; kept: for each number of exact tokens, SnapKV's indices (S, kv_heads, kept);
+    window_queries: (S, kv_heads, group·window, d), the context's observation window, which the
+    summary receives at a prefill of the context (routing reads it).
     """
 
     keys: torch.Tensor
@@ -208,6 +225,7 @@ class LayerCalibration:
     queries: torch.Tensor
     target: torch.Tensor
     kept: dict[int, torch.Tensor]
+    window_queries: torch.Tensor
 
 
 @dataclass
@@ -230,7 +248,10 @@ def _layer_calibration(activations: Activations, context_length: int, method: Sn
     valid = torch.ones(1, context_length, dtype=torch.bool, device=keys.device)
     inputs = SelectionInputs(grouped, context_keys, context_values, valid, activations.scaling)
     kept = {count: method.for_exact(count).select(inputs, layer_idx, count) for count in kept_counts}
-    return LayerCalibration(context_keys.contiguous(), context_values.contiguous(), later, target, kept)
+    window = min(method.window_size, context_length)
+    window_queries = grouped[:, :, :, context_length - window:].reshape(1, kv_heads, -1, head_dim)
+    return LayerCalibration(context_keys.contiguous(), context_values.contiguous(), later, target, kept,
+                            window_queries)
 
 
 @torch.no_grad()
@@ -251,7 +272,8 @@ def collect_calibration(model, input_ids: torch.Tensor, context_length: int, met
             progress(index + 1)
     layers = [LayerCalibration(*(torch.cat([getattr(part, name) for part in layer_parts])
                                  for name in ("keys", "values", "queries", "target")),
-                               {count: torch.cat([part.kept[count] for part in layer_parts]) for count in kept_counts})
+                               {count: torch.cat([part.kept[count] for part in layer_parts]) for count in kept_counts},
+                               torch.cat([part.window_queries for part in layer_parts]))
               for layer_parts in parts]
     return Calibration(layers, scaling)
 
@@ -300,12 +322,13 @@ class LayerObjective:
 
 
 @torch.no_grad()
-def layer_objectives(calibration: Calibration, plan: LayerPlan, cluster_by: str) -> list[LayerObjective]:
+def layer_objectives(calibration: Calibration, plan: LayerPlan, clustering: ClusterSummary) -> list[LayerObjective]:
+    """Per layer, what the loss needs; the evicted tokens clustered as `clustering.cluster` does at inference."""
     objectives = []
     for layer in calibration.layers:
         kept = layer.kept[plan.exact]
         evicted = evicted_mask(kept, all_valid(layer.keys))
-        assignment = assign_clusters(layer.keys, evicted, plan.clusters, cluster_by)
+        assignment = clustering.cluster(layer.keys, evicted, plan.clusters, layer.window_queries, calibration.scaling)
         lse, output = reference_attention(layer.queries, gather_tokens(layer.keys, kept),
                                           gather_tokens(layer.values, kept), 0.0, calibration.scaling)
         objectives.append(LayerObjective(layer.keys, layer.values, layer.queries, layer.target, assignment, lse,
@@ -355,7 +378,7 @@ def merge_output(summary: Merge, plan: LayerPlan, layer: LayerCalibration, layer
     """The output over the kept tokens and the merged slots, as the patched attention holds them."""
     kept = layer.kept[plan.exact]
     summarised = summary.summarise(layer.keys, layer.values, evicted_mask(kept, all_valid(layer.keys)), plan,
-                                   layer_idx)
+                                   layer_idx, layer.window_queries, scaling)
     keys, values, bias, _ = assemble(layer.keys, layer.values, kept, torch.zeros(kept.shape, device=kept.device),
                                      summarised)
     return reference_attention(layer.queries, keys, values, bias[:, :, None, :], scaling)[1]
@@ -366,8 +389,8 @@ def held_out_table(calibration: Calibration, plans: dict[str, LayerPlan], learne
                    config: TrainingConfig) -> dict[str, dict]:
     """Per approximation: the relative L2 error ‖o − o*‖/‖o*‖ ("error") and squared error ("loss"),
     averaged over queries, heads and sequences per layer ("error_per_layer") and over layers."""
-    merge = Merge(config.state_budget, config.cluster_by)
-    objectives = layer_objectives(calibration, plans["learned"], config.cluster_by)
+    merge = clustering_summary(config)
+    objectives = layer_objectives(calibration, plans["learned"], merge)
     scaling = calibration.scaling
 
     def output(name: str, layer_idx: int, layer: LayerCalibration) -> torch.Tensor:
@@ -437,7 +460,7 @@ def train(model, train_ids: torch.Tensor, held_out_ids: torch.Tensor, config: Tr
                                                   method, kept_counts, progress=_capture_logger(split, len(ids)))
     scaling = calibrations["train"].scaling
     clusters = plans["learned"].clusters
-    objectives = {split: layer_objectives(calibration, plans["learned"], config.cluster_by)
+    objectives = {split: layer_objectives(calibration, plans["learned"], clustering_summary(config))
                   for split, calibration in calibrations.items()}
     scale = balancing_scale(objectives["train"], scaling)
     device = calibrations["train"].layers[0].keys.device
@@ -527,5 +550,6 @@ def plot_curves(metadata: dict, path) -> None:
     settings = metadata["settings"]
     fig.suptitle(f"{metadata['model']['name_or_path'] or 'model'}: budget {settings['max_capacity_prompt']}, "
                  f"state {settings['state_budget']}, F={settings['num_features']}, "
-                 f"N={settings['context_length']}, M={settings['query_length']}")
+                 f"N={settings['context_length']}, M={settings['query_length']}"
+                 + (", routed" if settings.get("route") else ""))
     fig.savefig(path, dpi=120)

@@ -94,29 +94,44 @@ def test_rotary_write_rotates_and_writes_only_its_slot(kernels, dtype):
     assert bool((caches[0][2][:, :, untouched] == -math.inf).all()) and bool((caches[0][2][:, :, 7] == 0).all())
 
 
-def ragged_cache(batch, total, head_dim, dtype):
-    """A ragged cache layer (b, T, d) of random keys and values, every slot's bias -inf."""
-    cache_keys = torch.randn(batch, total, head_dim, generator=torch.Generator().manual_seed(2))
+def ragged_cache(batch, total, head_dim, dtype, spare=0):
+    """A ragged cache layer (b, T, d) of random keys and values, every slot's bias -inf; with `spare`, the
+    first T slots of a wider buffer (b, T + spare, d), as the static cache holds it (a view)."""
+    cache_keys = torch.randn(batch, total + spare, head_dim, generator=torch.Generator().manual_seed(2))
     cache_values = torch.randn(cache_keys.shape, generator=torch.Generator().manual_seed(3))
-    return [cache_keys.to(DEVICE, dtype), cache_values.to(DEVICE, dtype), torch.full((batch, total), -math.inf,
-                                                                                     device=DEVICE)]
+    layer = [cache_keys.to(DEVICE, dtype), cache_values.to(DEVICE, dtype),
+             torch.full((batch, total + spare), -math.inf, device=DEVICE)]
+    return [tensor[:, :total] for tensor in layer]
 
 
+@pytest.mark.parametrize("spare", [0, 1])  # 1: the layer is a view of a wider buffer, as the static cache's
 @pytest.mark.parametrize("use_kernels", [pytest.param(True, marks=needs_kernels), False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_write_ragged_writes_each_heads_own_slot(monkeypatch, use_kernels, dtype):
+def test_rotary_write_ragged_writes_each_heads_own_slot(monkeypatch, use_kernels, dtype, spare):
     """Ragged cache (b, T, d): each KV head writes its rotated key and its value at its own slot of its
-    sample's flat run, as a hand-written loop does; nothing else of the cache changes."""
+    sample's flat run, as a hand-written loop does; nothing else of the cache changes. The kernel takes
+    the view of a wider buffer too (rows spaced wider than they are long), without falling back."""
     if use_kernels:
         monkeypatch.setenv(decode_step.FORCE_TRITON_ENV, "1")
+
+        def no_fallback(*args):
+            raise AssertionError("the kernel fell back to the reference")
+        monkeypatch.setattr(decode_step, "rotary_write_reference", no_fallback)
     generator = torch.Generator().manual_seed(6)
     batch, heads, kv_heads, head_dim, total = 2, 6, 3, 64, 40
     queries, keys, values = (torch.randn(batch, count, head_dim, generator=generator).to(DEVICE, dtype)
                              for count in (heads, kv_heads, kv_heads))
     cos, sin = rope(torch.tensor([17, 230]), head_dim, dtype)
     write_index = torch.tensor([[4, 11, 39], [0, 25, 26]], dtype=torch.int32, device=DEVICE)
-    cache = ragged_cache(batch, total, head_dim, dtype)
+    cache = ragged_cache(batch, total, head_dim, dtype, spare)
     rotated = rotary_write(queries, keys, values, cos, sin, *cache, write_index)
+    if spare:  # the column past the view is untouched
+        untouched = ragged_cache(batch, total, head_dim, dtype, spare)
+        for ours, theirs in zip(cache, untouched):
+            assert torch.equal(ours.as_strided(ours.shape[:1] + (spare,) + ours.shape[2:], ours.stride(),
+                                               ours.storage_offset() + total * ours.stride(1)),
+                               theirs.as_strided(theirs.shape[:1] + (spare,) + theirs.shape[2:], theirs.stride(),
+                                                 theirs.storage_offset() + total * theirs.stride(1)))
 
     # by hand: the keys rotated as the uniform layer's reference rotates them, then copied slot by slot
     uniform = [torch.zeros(batch, kv_heads, 1, head_dim, dtype=dtype, device=DEVICE),
@@ -124,7 +139,7 @@ def test_rotary_write_ragged_writes_each_heads_own_slot(monkeypatch, use_kernels
                torch.zeros(batch, kv_heads, 1, device=DEVICE)]
     expected_queries = rotary_write_reference(queries, keys, values, cos, sin, *uniform,
                                               torch.tensor([0], device=DEVICE))
-    expected = ragged_cache(batch, total, head_dim, dtype)
+    expected = ragged_cache(batch, total, head_dim, dtype, spare)
     for b in range(batch):
         for h in range(kv_heads):
             slot = int(write_index[b, h])
@@ -135,7 +150,7 @@ def test_rotary_write_ragged_writes_each_heads_own_slot(monkeypatch, use_kernels
         assert torch.equal(ours, theirs)
     assert int((cache[2] == 0).sum()) == batch * kv_heads
 
-    reference_cache = ragged_cache(batch, total, head_dim, dtype)
+    reference_cache = ragged_cache(batch, total, head_dim, dtype, spare)
     reference_queries = rotary_write_reference(queries, keys, values, cos, sin, *reference_cache, write_index.long())
     close(rotated, reference_queries, dtype)
     close(cache[0], reference_cache[0], dtype)

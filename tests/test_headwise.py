@@ -169,6 +169,11 @@ def test_the_heads_hold_the_budget_in_total_not_the_largest_head_times_the_heads
         assert isinstance(prefix, RaggedPrefix)
         assert prefix.keys.shape[1] == 2 * 32 and int(prefix.counts.sum()) == 2 * 32  # kv_heads × budget
         uneven |= prefix.most > 32
+        # the memory held is the packed run: nothing keeps the compressor's padded rows alive
+        held = sum(t.untyped_storage().nbytes() for t in (layer.keys, layer.values, layer.bias,
+                                                          prefix.keys, prefix.values, prefix.bias))
+        packed = (2 * 32 + 1) * (2 * prefix.keys.shape[-1] * prefix.keys.element_size() + 4)
+        assert held == packed
     assert uneven  # some head kept more than the even share: padding would have cost more
     assert kv_lengths(cache) == [32] * 4 and kv_lengths(cache, per_sample=True) == [[32] * 4]
     with ntkkv.compress(model, SnapKV(32)):
@@ -176,6 +181,18 @@ def test_the_heads_hold_the_budget_in_total_not_the_largest_head_times_the_heads
     with ntkkv.compress(model, AdaKV(32)):
         ada = ntkkv.generate(model, prompt, decode="static", max_new_tokens=3)
     assert ada.kv_kept == snap.kv_kept
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_adakv_with_the_whole_share_as_safeguard_is_snapkv(decode):
+    """alpha_safeguard 1 gives every head its even share: SnapKV's choice, held ragged instead of uniform."""
+    model = tiny_model()
+    prompt, mask = batch_with_padding()
+    with ntkkv.compress(model, SnapKV(24)):
+        snap = ntkkv.generate(model, prompt, mask, decode="dynamic", **OPTIONS)
+    with ntkkv.compress(model, AdaKV(24, alpha_safeguard=1.0)):
+        ada = ntkkv.generate(model, prompt, mask, decode=decode, **OPTIONS)
+    assert_same_logits(ada, snap)
 
 
 def test_with_a_budget_past_the_prompt_head_wise_methods_equal_the_unpatched_model(tmp_path):

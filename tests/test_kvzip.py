@@ -1,15 +1,18 @@
 """KVzip: the reconstruction pass's scores against the definition, its chunks and query blocks, batches,
 both decode paths, the question-outside needle, PyramidKV budgets, the prompt per chat template, errors."""
 
+import math
+
 import pytest
 import torch
 from conftest import make_tiny_tokenizer
+from test_headwise import slow_adaptive_choice
 
 import ntkkv
 from ntkkv.cache import CompressedCache
 from ntkkv.compressor import gather_tokens
 from ntkkv.generation import _prefill, cache_argument_name
-from ntkkv.policies import KVzip, PyramidKV, PyramidKVzip
+from ntkkv.policies import AdaKVzip, KVzip, PyramidKV, PyramidKVzip, SelectionInputs
 from ntkkv.policies.kvzip import MISSING_SCORES
 from ntkkv.reconstruction import (
     FIRST_REQUEST,
@@ -147,6 +150,47 @@ def test_a_left_padded_batch_scores_each_sample_as_alone_and_never_its_padding()
         torch.testing.assert_close(layer[0], long_layer[0], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(layer[1, :, 12:], short_layer[0], rtol=1e-4, atol=1e-6)
         assert (layer[1, :, :12] == 0).all()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+def test_ada_kvzip_allocates_the_reconstruction_scores_across_heads_as_adakv_does(alpha):
+    model = tiny_model("llama", "sdpa", layers=2)
+    context = random_prompt(50)
+    budget, window, sinks = 20, 6, 3
+    scores, _ = kvzip_scores(model, context, torch.ones_like(context), KVzip(budget, window_size=window, sinks=sinks,
+                                                                              chunk_size=16))
+    policy = AdaKVzip(budget, window_size=window, sinks=sinks, chunk_size=16, alpha_safeguard=alpha)
+    keys = torch.randn(1, 2, 50, 16)  # only their shape matters: the scores decide
+    for layer_scores in scores:
+        inputs = SelectionInputs(torch.randn(1, 2, 2, 50, 16), keys, keys, torch.ones(1, 50, dtype=torch.bool),
+                                 0.25, layer_scores)
+        kept, padded = policy.select_heads(inputs, 0, budget)
+        prefix = layer_scores[..., : 50 - window].clone()
+        prefix[..., :sinks] = math.inf  # the sinks always stay
+        chosen = slow_adaptive_choice(prefix, budget - window, alpha)
+        total = 0
+        for head in range(2):
+            held = kept[0, head][~padded[0, head]].tolist()
+            expected = chosen[0, head].nonzero().flatten().tolist() + list(range(50 - window, 50))
+            assert held == expected
+            total += len(held)
+        assert total == 2 * budget  # the layer holds its budget in total, however the heads share it
+
+
+@pytest.mark.parametrize("method", ["ada_kvzip", "ada_pyramid_kvzip"])
+def test_ada_kvzip_decodes_alike_on_both_paths_and_a_sample_in_a_batch_as_alone(chat, method):
+    model, tokenizer = chat
+    batch, mask, long_prompt, short_prompt = two_prompts()
+    with ntkkv.compress(model, method, max_capacity_prompt=16, chunk_size=10):
+        dynamic = greedy(model, batch, mask, decode="dynamic", tokenizer=tokenizer)
+        static = greedy(model, batch, mask, decode="static", tokenizer=tokenizer)
+        alone = [greedy(model, prompt, torch.ones_like(prompt), decode="static", tokenizer=tokenizer)
+                 for prompt in (long_prompt, short_prompt)]
+    assert torch.equal(dynamic.sequences, static.sequences)
+    torch.testing.assert_close(torch.stack(dynamic.output.logits), torch.stack(static.output.logits),
+                               rtol=0, atol=1e-4)
+    assert static.new_tokens == [alone[0].new_tokens[0], alone[1].new_tokens[0]]
+    assert static.kv_kept == [alone[0].kv_kept[0], alone[1].kv_kept[0]]
 
 
 # -- through ntkkv.generate -------------------------------------------------------------------------

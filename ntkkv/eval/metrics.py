@@ -11,14 +11,11 @@ import re
 import string
 from collections import Counter
 
-import jieba
 import numpy as np
 from rapidfuzz import fuzz
 from rouge import Rouge
 
 logger = logging.getLogger(__name__)
-# jieba logs its dictionary loading to stderr at INFO; library code stays quiet
-jieba.setLogLevel(logging.WARNING)
 
 CHINESE_PUNCTUATION = (
     "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】"
@@ -62,6 +59,9 @@ def qa_f1_score(prediction, reference, **_):
 
 
 def jieba_words(text):
+    import jieba  # on first use: only the Chinese datasets need it, and its dictionary takes a while to load
+
+    jieba.setLogLevel(logging.WARNING)  # it logs its dictionary loading to stderr at INFO; library code stays quiet
     return list(jieba.cut(text, cut_all=False))
 
 

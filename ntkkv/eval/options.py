@@ -22,7 +22,9 @@ from ntkkv.policies import METHODS, canonical_name
 from ntkkv.summaries import SUMMARIES, canonical_summary, refits_kept
 
 SELECTION_FLAGS = ("window_size", "kernel_size", "pooling", "gqa_reduce", "alpha_safeguard", "head_scores", "head_beta")
-SUMMARY_FLAGS = ("summary", "state_budget", "cluster_by", "rank", "summary_path", "ratchet")
+# the ratchet last: it stays when the summary is none (compression_options)
+SUMMARY_FLAGS = ("summary", "state_budget", "cluster_by", "rank", "summary_path", "route", "spike_threshold",
+                 "concentration", "ratchet")
 
 
 def add_compression_arguments(parser) -> None:
@@ -33,7 +35,8 @@ def add_compression_arguments(parser) -> None:
     group.add_argument("--pooling", default=None, help="avgpool or maxpool (default maxpool)")
     group.add_argument("--gqa_reduce", default=None, help="mean or max over a KV head's query heads (default mean)")
     group.add_argument("--alpha_safeguard", "--floor", dest="alpha_safeguard", type=float, default=None,
-                       help="adakv, ada_pyramidkv: share of the even per-head budget every head keeps (default 0.2)")
+                       help="adakv, ada_pyramidkv, ada_kvzip, ada_pyramid_kvzip: share of the even per-head budget "
+                            "every head keeps (default 0.2)")
     group.add_argument("--head_scores", "--head_path", dest="head_scores", default=None,
                        help="headkv: head-scores file from compute_head_scores.py (default: SmolLM2's, shipped)")
     group.add_argument("--head_beta", type=float, default=None,
@@ -47,6 +50,15 @@ def add_compression_arguments(parser) -> None:
     summaries.add_argument("--rank", type=int, default=None, help="taylor2_lowrank's rank (default 4)")
     summaries.add_argument("--summary_path", "--kernel_path", dest="summary_path", default=None,
                            help="the file of a learned map (train_learned_map.py), for --summary learned")
+    summaries.add_argument("--route", action="store_true", default=None,
+                           help="cluster summaries: evicted tokens holding much of the window's attention get a "
+                                "cluster each, the other clusters summarise the diffuse rest (same memory)")
+    summaries.add_argument("--spike_threshold", type=float, default=None,
+                           help="with --route: a token is a spike from this multiple of an average cluster's share "
+                                "of the evicted attention (default 1.0)")
+    summaries.add_argument("--concentration", type=float, default=None,
+                           help="with --route: where the top tokens hold this share of it, every cluster is a token "
+                                "(default 0.5)")
     summaries.add_argument("--ratchet", type=int, default=None,
                            help="keep at most this many generated tokens exact; older ones fold into the summary "
                                 "(dropped without one), so memory stays flat (default off)")
@@ -83,7 +95,7 @@ def recorded_options(options: dict) -> dict:
 def run_label(method: str, options: dict) -> str:
     """The name a run's results go under: the method with the head-wise options given, and the summary with
     its settings if any ("snapkv", "snapkv_merge", "pyramidkv_taylor2_lowrank_sb0.25_r8", "adakv_a0.1",
-    "headkv_llama3_scores"), so runs never mix on resume."""
+    "headkv_llama3_scores", "snapkv_merge_route_st2"), so runs never mix on resume."""
     options = recorded_options(options)
     parts = [method]
     for flag, short in (("alpha_safeguard", "a"), ("head_beta", "hb")):
@@ -98,6 +110,11 @@ def run_label(method: str, options: dict) -> str:
     for flag, short in (("state_budget", "sb"), ("cluster_by", "by"), ("rank", "r"), ("ratchet", "ratchet")):
         if options.get(flag) is not None:
             parts.append(f"{short}{options[flag]:g}" if isinstance(options[flag], float) else f"{short}{options[flag]}")
+    if options.get("route"):
+        parts.append("route")
+        for flag, short in (("spike_threshold", "st"), ("concentration", "conc")):
+            if options.get(flag) is not None:
+                parts.append(f"{short}{options[flag]:g}")
     if options.get("summary_path"):
         parts.append(Path(options["summary_path"]).stem)
     return "_".join(parts)

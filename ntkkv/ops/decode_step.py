@@ -149,11 +149,12 @@ def rotary_write_reference(queries, keys, values, cos, sin, cache_keys, cache_va
     rotated_queries = (queries * cos) + (rotate_half(queries) * sin)
     rotated_keys = (keys * cos) + (rotate_half(keys) * sin)
     if _is_ragged(keys, cache_keys, write_index):
-        samples = torch.arange(cache_keys.shape[0], device=cache_keys.device)[:, None]
-        index = write_index.long()
-        cache_keys[samples, index] = rotated_keys.to(cache_keys.dtype)
-        cache_values[samples, index] = values.to(cache_values.dtype)
-        cache_bias[samples, index] = 0.0
+        samples = torch.arange(cache_keys.shape[0], device=cache_keys.device)[:, None].expand_as(write_index)
+        index = (samples, write_index.long())
+        cache_keys.index_put_(index, rotated_keys.to(cache_keys.dtype))
+        cache_values.index_put_(index, values.to(cache_values.dtype))
+        # a device tensor, not a python 0.0: a host-to-device copy cannot be captured in a CUDA graph
+        cache_bias.index_put_(index, cache_bias.new_zeros(write_index.shape))
         return rotated_queries
     index = write_index.view(1)
     cache_keys.index_copy_(2, index, rotated_keys[:, :, None].to(cache_keys.dtype))
@@ -170,12 +171,12 @@ def rotary_write(queries, keys, values, cos, sin, cache_keys, cache_values, cach
     cache_bias (b, T), write_index (b, kv_heads) integers, each head's absolute slot in its sample's run."""
     ragged = _is_ragged(keys, cache_keys, write_index)
     half = queries.shape[-1] // 2
-    contiguous = all(cache.is_contiguous() for cache in (cache_keys, cache_values, cache_bias))
-    if not fused(queries) or half < 16 or half & (half - 1) or not contiguous:
+    capacity = _slot_rows(cache_keys, cache_values, cache_bias)
+    if not fused(queries) or half < 16 or half & (half - 1) or capacity is None:
         return rotary_write_reference(queries, keys, values, cos, sin, cache_keys, cache_values, cache_bias,
                                       write_index)
     batch, heads, head_dim = queries.shape
-    kv_heads, capacity = keys.shape[1], cache_keys.shape[-2]
+    kv_heads = keys.shape[1]
     queries, keys, values = queries.contiguous(), keys.contiguous(), values.contiguous()
     cos, sin = cos.to(queries.dtype).contiguous(), sin.to(queries.dtype).contiguous()
     rotated = torch.empty_like(queries)
@@ -183,6 +184,20 @@ def rotary_write(queries, keys, values, cos, sin, cache_keys, cache_values, cach
                                              cache_bias, write_index.contiguous(), heads, kv_heads, capacity,
                                              HALF=head_dim // 2, RAGGED=ragged)
     return rotated
+
+
+def _slot_rows(cache_keys, cache_values, cache_bias) -> int | None:
+    """The slots from one row of the cache layer to the next (a row: a sample's run in a ragged layer, a
+    head's in a uniform one), which may exceed a row's length (a ragged layer is a view of a wider
+    buffer); None if the layer is not laid out as the kernel addresses it (slots dense, rows evenly spaced)."""
+    capacity, head_dim = cache_bias.stride(-2), cache_keys.shape[-1]
+    dense = all(cache.stride(-1) == 1 and cache.stride(-2) == head_dim and cache.stride(-3) == capacity * head_dim
+                for cache in (cache_keys, cache_values)) and cache_bias.stride(-1) == 1
+    if cache_keys.dim() == 4 and cache_keys.shape[0] > 1:  # uniform: the samples' blocks of heads follow on
+        heads = cache_keys.shape[1]
+        dense = dense and cache_bias.stride(0) == heads * capacity and all(
+            cache.stride(0) == heads * capacity * head_dim for cache in (cache_keys, cache_values))
+    return capacity if dense else None
 
 
 def _is_ragged(keys, cache_keys, write_index) -> bool:

@@ -8,7 +8,7 @@ from .adakv import AdaKV, AdaPyramidKV
 from .base import Policy, SelectionInputs
 from .h2o import H2O
 from .headkv import HeadKV
-from .kvzip import KVzip, PyramidKVzip
+from .kvzip import AdaKVzip, AdaPyramidKVzip, KVzip, PyramidKVzip
 from .pyramidkv import PyramidKV
 from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
@@ -24,6 +24,8 @@ _REGISTRY: dict[str, type[Policy] | None] = {
     "headkv": HeadKV,
     "kvzip": KVzip,
     "pyramid_kvzip": PyramidKVzip,
+    "ada_kvzip": AdaKVzip,
+    "ada_pyramid_kvzip": AdaPyramidKVzip,
 }
 METHODS = tuple(_REGISTRY)
 ALIASES = {"full": "fullkv"}  # the needle seed's name for full KV
@@ -65,6 +67,8 @@ def build_policy(method: str, max_capacity_prompt=2048, window_size=None, **para
 __all__ = [
     "H2O",
     "AdaKV",
+    "AdaKVzip",
+    "AdaPyramidKVzip",
     "AdaPyramidKV",
     "HeadKV",
     "KVzip",

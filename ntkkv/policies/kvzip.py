@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adakv import AdaKV, AdaPyramidKV
 from .base import Policy, SelectionInputs, is_int
 from .pyramidkv import PyramidKV
 
@@ -59,3 +60,18 @@ class PyramidKVzip(KVzip, PyramidKV):
     """KVzip's scores with PyramidKV's budgets, falling from the bottom layer to the top (`beta`)."""
 
     name = "pyramid_kvzip"
+
+
+@dataclass
+class AdaKVzip(KVzip, AdaKV):
+    """KVzip's scores, each layer's budget allocated across its KV heads as AdaKV does (the head-wise
+    variant: a head the reconstruction barely needs gives its share to one that needs much)."""
+
+    name = "ada_kvzip"
+
+
+@dataclass
+class AdaPyramidKVzip(KVzip, AdaPyramidKV):
+    """KVzip's scores, PyramidKV's per-layer budgets, each layer's allocated across its KV heads as AdaKV does."""
+
+    name = "ada_pyramid_kvzip"

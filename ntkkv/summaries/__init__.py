@@ -47,11 +47,14 @@ def refits_kept(name: str) -> bool:
     return entry is not None and entry[0].refits_kept
 
 
-def build_summary(summary, state_budget=None, cluster_by=None, rank=None, summary_path=None) -> Summary | None:
-    """A summary object by name (None for "none"); a `Summary` object passes through unchanged."""
+def build_summary(summary, state_budget=None, cluster_by=None, rank=None, summary_path=None, route=None,
+                  spike_threshold=None, concentration=None) -> Summary | None:
+    """A summary object by name (None for "none"); a `Summary` object passes through unchanged.
+    route, spike_threshold, concentration: see `ClusterSummary` (the thresholds only with route=True)."""
+    cluster_options = (("state_budget", state_budget), ("cluster_by", cluster_by), ("route", route),
+                       ("spike_threshold", spike_threshold), ("concentration", concentration))
     if summary is None or isinstance(summary, Summary):
-        for flag, value in (("state_budget", state_budget), ("cluster_by", cluster_by), ("rank", rank),
-                            ("summary_path", summary_path)):
+        for flag, value in (*cluster_options, ("rank", rank), ("summary_path", summary_path)):
             if value is not None:
                 raise ValueError(f"{flag} applies to a summary named by a string; "
                                  f"{'no summary is set' if summary is None else 'set it on the summary object'}")
@@ -63,11 +66,14 @@ def build_summary(summary, state_budget=None, cluster_by=None, rank=None, summar
         return None
     cls, options = _REGISTRY[name]
     options = dict(options)
-    for field, value in (("state_budget", state_budget), ("cluster_by", cluster_by)):
+    for field, value in cluster_options:
         if value is not None:
             if not issubclass(cls, ClusterSummary):  # fitted, cam: no share of memory, no clusters
                 raise ValueError(f"{field} applies to the cluster summaries, not {name!r}")
             options[field] = value
+    for field, value in (("spike_threshold", spike_threshold), ("concentration", concentration)):
+        if value is not None and route is not True:
+            raise ValueError(f"{field} applies with route=True (routing), got route={route!r}")
     if rank is not None:
         if name != "taylor2_lowrank":
             raise ValueError(f"rank applies to summary taylor2_lowrank, not {name!r}")

@@ -11,12 +11,13 @@ the evicted tokens of one layer into merged slots (held in the cache like tokens
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
 
 from .clusters import CLUSTER_BY, assign_clusters
+from .routing import DEFAULT_CONCENTRATION, DEFAULT_SPIKE_THRESHOLD, check_routing, routed_assignment
 
 DEFAULT_STATE_BUDGET = 0.125
 
@@ -104,10 +105,25 @@ class ClusterSummary(Summary):
     state_budget: the share of each layer's memory the summary may use: a fraction (< 1) or a
         number of token equivalents (≥ 1); the rest stays exact tokens.
     cluster_by: "kmeans" (by key similarity) or "position" (contiguous runs).
+    route: give the evicted tokens that hold much of the observation window's attention (spikes) a
+        cluster of their own, and cluster only the diffuse rest (`ntkkv.summaries.routing`); same memory.
+    spike_threshold: with route, a spike holds at least spike_threshold / clusters of the evicted
+        tokens' attention (1: more than an average cluster's share); a positive number.
+    concentration: with route, a head whose top `clusters` evicted tokens hold at least this share of
+        it makes every cluster a singleton of them (it keeps tokens rather than clusters); in (0, 1].
+
+    With route, a generated token that the ratchet folds still joins its nearest cluster, a spike's
+    singleton included: merged slots and merge_variance move that cluster's mean (the spike is averaged
+    with it), the centred states keep the spike's centre (the spike stays exact, the new token is read
+    around it).
     """
 
     state_budget: float = DEFAULT_STATE_BUDGET
     cluster_by: str = "kmeans"
+    # keyword-only: the subclasses' own fields keep their positions
+    route: bool = field(default=False, kw_only=True)
+    spike_threshold: float = field(default=DEFAULT_SPIKE_THRESHOLD, kw_only=True)
+    concentration: float = field(default=DEFAULT_CONCENTRATION, kw_only=True)
 
     max_clusters: ClassVar[int | None] = None
 
@@ -118,6 +134,12 @@ class ClusterSummary(Summary):
                              f"got {self.state_budget!r}")
         if self.cluster_by not in CLUSTER_BY:
             raise ValueError(f"unknown cluster_by {self.cluster_by!r}; choose one of: {', '.join(CLUSTER_BY)}")
+        if not isinstance(self.route, bool):
+            raise ValueError(f"route must be True or False, got {self.route!r}")
+        check_routing(self.spike_threshold, self.concentration)
+        if self.route and type(self).assign is not ClusterSummary.assign:  # seed_taylor: one state around 0
+            raise ValueError(f"route applies to the summaries clustered by cluster_by, not {self.name!r} "
+                             f"(it makes its own clusters)")
 
     def cluster_cost(self, head_dim: int) -> float:
         """Token equivalents of one cluster's summary."""
@@ -143,8 +165,23 @@ class ClusterSummary(Summary):
     def summarise(self, keys, values, evicted, plan, layer_idx, window_queries=None, scaling=None) -> Summarised:
         if plan.clusters == 0:
             return Summarised()
-        assignment = self.assign(keys, evicted, plan.clusters)
+        assignment = self.cluster(keys, evicted, plan.clusters, window_queries, scaling)
         return self.summarise_clusters(keys, values, assignment, plan.clusters, layer_idx, window_queries, scaling)
+
+    def cluster(self, keys, evicted, clusters: int, window_queries=None, scaling=None) -> torch.Tensor:
+        """The clusters `summarise` uses: `assign`, or with `route` the routed split, which needs the
+        observation window's queries (batch, kv_heads, m, d) and the softmax scale."""
+        if not self.route:
+            return self.assign(keys, evicted, clusters)
+        if window_queries is None or scaling is None:
+            # a host synchronisation, on this path only: the prefill of a prompt that evicts nothing passes no queries
+            if bool(evicted.any()):
+                raise ValueError(f"summary {self.name!r} with route=True needs the observation window's queries "
+                                 f"(window_queries) and scaling; got window_queries={type(window_queries).__name__}, "
+                                 f"scaling={scaling!r}")
+            return torch.full(evicted.shape, -1, dtype=torch.long, device=evicted.device)
+        return routed_assignment(keys, evicted, clusters, window_queries, scaling, self.cluster_by,
+                                 self.spike_threshold, self.concentration)
 
     def assign(self, keys, evicted, clusters: int) -> torch.Tensor:
         """Cluster index (batch, kv_heads, n) of each evicted token, -1 for the others."""

@@ -83,9 +83,18 @@ def cam_values(values, kept, kept_bias, evicted, shares, merge_budget: int, gene
     coefficient = probability / width.clamp_min(1)
     batch, kv_heads, k = kept.shape
     d = values.shape[-1]
-    # each gap between kept tokens (gap g: g real kept tokens before it) gathers its evicted tokens' share
-    gaps = torch.zeros(batch, kv_heads, k + 1, d, device=values.device)
-    gaps.scatter_add_(2, before[..., None].expand(-1, -1, -1, d), coefficient[..., None] * values.float())
+    # each gap between kept tokens (gap g: g real kept tokens before it) gathers its evicted tokens' share;
+    # `before` never decreases along the prompt, so a gap is a run of tokens: its sum is a difference of
+    # prefix sums (float64), which, unlike a scatter-add, gives the same bits on every run on a GPU
+    gaps = torch.empty(batch, kv_heads, k + 1, d, device=values.device)
+    gap_ids = torch.arange(k + 1, device=values.device).expand(batch, k + 1).contiguous()
+    for head in range(kv_heads):  # one head at a time: the prefix sums are (batch, n, d) float64
+        prefix = torch.nn.functional.pad((coefficient[:, head, :, None] * values[:, head].float()).double()
+                                         .cumsum(dim=1), (0, 0, 1, 0))
+        ends = torch.searchsorted(before[:, head].contiguous(), gap_ids, right=True)  # (batch, k + 1)
+        starts = torch.nn.functional.pad(ends[:, :-1], (1, 0))
+        gaps[:, head] = (prefix.gather(1, ends[..., None].expand(-1, -1, d))
+                         - prefix.gather(1, starts[..., None].expand(-1, -1, d))).float()
     # the kept token of rank r receives from the gaps r-m+1 .. r (each gap's first m kept tokens)
     received = gaps[:, :, :k].clone()
     for offset in range(1, min(merge_budget, k)):

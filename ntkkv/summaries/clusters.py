@@ -12,24 +12,34 @@ CLUSTER_BY = ("position", "kmeans")
 
 # -- grouping -----------------------------------------------------------------------------------
 
-def assign_clusters(keys, evicted, num_clusters: int, by: str = "kmeans", iterations: int = 10) -> torch.Tensor:
+def assign_clusters(keys, evicted, num_clusters: int, by: str = "kmeans", iterations: int = 10,
+                    limit: torch.Tensor | None = None) -> torch.Tensor:
     """Cluster index (batch, kv_heads, n) of each evicted token, -1 for the others.
 
     by="position": contiguous runs of evicted tokens of (nearly) equal size;
     by="kmeans": Lloyd's k-means on the keys, started from farthest points (deterministic per sample).
+    limit (batch, kv_heads) long, optional: the clusters each head may use, 0 .. limit - 1 (the others
+    stay empty; a head with limit 0 assigns nothing); None: all `num_clusters`.
     """
     if by not in CLUSTER_BY:
         raise ValueError(f"unknown cluster_by {by!r}; choose one of: {', '.join(CLUSTER_BY)}")
+    usable = num_clusters
+    if limit is not None:
+        usable = limit[..., None]  # (batch, kv_heads, 1)
+        evicted = evicted & (usable > 0)
     if by == "position":
         count = evicted.sum(dim=-1, keepdim=True).clamp_min(1)
         rank = evicted.long().cumsum(dim=-1) - 1
-        return torch.where(evicted, rank * num_clusters // count, -1)
+        return torch.where(evicted, rank * usable // count, -1)
     points = keys.float()
     centres = farthest_points(points, evicted, num_clusters)
+    outside = ~evicted[..., None]  # (batch, kv_heads, n, 1): no centre for a token not clustered
+    if limit is not None:  # and none beyond a head's limit: its centres j >= limit are never nearest
+        outside = outside | (torch.arange(num_clusters, device=keys.device) >= usable)[:, :, None, :]
     # a fixed number of rounds, with no test for convergence: a test would synchronise with the host,
     # and past a fixed point a round changes nothing
     for round_ in range(max(iterations, 1)):
-        distances = torch.cdist(points, centres).masked_fill(~evicted[..., None], math.inf)
+        distances = torch.cdist(points, centres).masked_fill(outside, math.inf)
         assignment = torch.where(evicted, distances.argmin(dim=-1), -1)
         if round_ + 1 < iterations:
             means, counts = cluster_means(points, assignment, num_clusters)
