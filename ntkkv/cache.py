@@ -436,21 +436,22 @@ class RaggedStaticLayer(StaticLayer):
         for source, prefix in zip(sources, prefixes):
             rows = slice(row, row + prefix.keys.shape[0])
             head_starts = prefix.starts + torch.arange(kv_heads, device=first.device) * region
-            held_keys, held_values, held_bias = prefix.padded()
-            tail = source.keys.shape[-2] - source.bias.shape[-1]  # tokens appended after the prefill
-            held_keys = torch.cat([held_keys, source.keys[:, :, source.keys.shape[-2] - tail:]], dim=-2)
-            held_values = torch.cat([held_values, source.values[:, :, source.values.shape[-2] - tail:]], dim=-2)
-            slot = torch.arange(prefix.most + tail, device=first.device)
-            kept_slot = slot[:prefix.most] < prefix.counts[..., None]
-            target = head_starts[..., None] + torch.cat(
-                [slot[:prefix.most].expand(*prefix.counts.shape, -1).masked_fill(~kept_slot, -1),
-                 (prefix.counts[..., None] + slot[prefix.most:] - prefix.most)], dim=-1)
-            inside = torch.cat([kept_slot, kept_slot.new_ones(*prefix.counts.shape, tail)], dim=-1)
-            target = target.masked_fill(~inside, width).flatten(1)
-            held_bias = torch.cat([held_bias, held_bias.new_zeros(*prefix.counts.shape, tail)], dim=-1)
-            for buffer, held in ((keys, held_keys), (values, held_values)):  # in place: no copy of the layer
-                buffer[rows].scatter_(1, target[..., None].expand(-1, -1, head_dim), held.flatten(1, 2))
-            bias[rows].scatter_(1, target, held_bias.flatten(1))
+            # each packed slot moves by its head's rooms before it: head h's run starts h · region later;
+            # slots past a sample's last head go to the column nobody reads (no padded copy is made)
+            slot = torch.arange(prefix.keys.shape[1], device=first.device).expand(prefix.keys.shape[0], -1)
+            head = torch.searchsorted((prefix.starts + prefix.counts).contiguous(), slot.contiguous(), right=True)
+            target = torch.where(head < kv_heads, slot + head.clamp(max=kv_heads - 1) * region, width)
+            for buffer, packed in ((keys, prefix.keys), (values, prefix.values)):  # in place: no copy of the layer
+                buffer[rows].scatter_(1, target[..., None].expand(-1, -1, head_dim), packed)
+            bias[rows].scatter_(1, target, prefix.bias)
+            tail = source.keys.shape[-2] - source.bias.shape[-1]  # tokens appended after the prefill, every head
+            if tail:
+                appended = ((head_starts + prefix.counts)[..., None]
+                            + torch.arange(tail, device=first.device)).flatten(1)  # (batch, kv_heads · tail)
+                for buffer, held in ((keys, source.keys), (values, source.values)):
+                    buffer[rows].scatter_(1, appended[..., None].expand(-1, -1, head_dim),
+                                          held[:, :, held.shape[-2] - tail:].flatten(1, 2))
+                bias[rows].scatter_(1, appended, 0.0)
             starts[rows], counts[rows] = head_starts, prefix.counts
             row += prefix.keys.shape[0]
         return cls(keys[:, :width], values[:, :width], bias[:, :width], starts, counts, region, ratchet)

@@ -54,8 +54,12 @@ def attend_to_cache(module, queries, layer: CompressedLayer, interface, backend:
     masked = layer.masked
     if layer.state is None and not (backend == "flash_attention_2" and masked):
         mask = None
-        if backend != "flash_attention_2" and (masked or num_queries > 1):
+        if backend != "flash_attention_2" and masked:
             mask = slot_logit_bias(bias, num_queries).repeat_interleave(group, dim=1).to(queries.dtype)
+        elif backend != "flash_attention_2" and num_queries > 1:
+            # every bias is 0: one causal mask that every sample and head broadcasts, not one per head
+            # (a reconstruction chunk over a long prompt would otherwise build gigabytes of it)
+            mask = slot_logit_bias(bias[:1, :1], num_queries).to(queries.dtype)
         if backend == "sdpa" and queries.is_cuda:
             with sdpa_kernel(DECODE_SDPA_BACKENDS):
                 return interface(module, queries, keys, values, mask, dropout=0.0, scaling=module.scaling, **kwargs)
