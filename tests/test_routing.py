@@ -183,6 +183,22 @@ def test_diffuse_attention_routes_nothing(by):
 
 
 @pytest.mark.parametrize("by", ["kmeans", "position"])
+def test_a_low_threshold_leaves_a_cluster_for_the_diffuse_tokens(by):
+    """spike_threshold 0.1: every one of the top C passes as a spike, but they hold C/40 < 0.5 of the mass, so
+    the head is not concentrated: C − 1 singletons, and every other evicted token goes to the last cluster."""
+    generator = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 1, 44, D, generator=generator)
+    evicted = torch.zeros(1, 1, 44, dtype=torch.bool)
+    evicted[..., :40] = True
+    window = torch.zeros(1, 1, 2, D)  # uniform attention: every evicted token's share is 1/40
+    merge = Merge(cluster_by=by, route=True, spike_threshold=0.1)
+    assignment = merge.cluster(keys, evicted, 4, window, SCALING)
+    assert bool((assignment[evicted] >= 0).all()) and bool((assignment[~evicted] == -1).all())
+    sizes = torch.bincount(assignment[evicted], minlength=4).tolist()
+    assert sorted(sizes) == [1, 1, 1, 37]  # three singletons, one cluster for the 37 others
+
+
+@pytest.mark.parametrize("by", ["kmeans", "position"])
 def test_a_sample_in_a_batch_is_routed_as_alone(by):
     """Sample 0 has two spikes, sample 1 is concentrated and left-padded, its padding keys so large that they
     would take every share if they counted."""

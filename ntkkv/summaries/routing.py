@@ -67,8 +67,11 @@ def singletons(shares, evicted, num_clusters: int, spike_threshold: float, conce
     order = ranked.sort(dim=-1, descending=True, stable=True).indices[..., :top]
     top_shares = ranked.gather(-1, order)
     candidate = top_shares >= 0
-    spikes = candidate & (top_shares >= spike_threshold / num_clusters)
     concentrated = top_shares.clamp_min(0).sum(dim=-1, keepdim=True) >= concentration
+    # a head that is not concentrated keeps at least one cluster for its diffuse tokens, whatever the
+    # threshold: with all C clusters singletons, the rest would be dropped as by eviction
+    below_all = torch.arange(top, device=shares.device) < num_clusters - 1
+    spikes = candidate & (top_shares >= spike_threshold / num_clusters) & below_all
     return order, spikes | (candidate & concentrated)
 
 
