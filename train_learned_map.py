@@ -5,7 +5,8 @@ Example (the embedded SmolLM2; on a GPU add --device cuda --dtype bfloat16):
     python train_learned_map.py --context_length 2048 --sequences 8 --held_out 2 --steps 300 --output map.pt
 
 It prints the held-aside table (relative L2 error of attention outputs for eviction alone,
-merged slots, the map at its init and trained, all at the same memory) and
+merged slots, the map at its init and trained, all at the same memory; with --fit_kept also
+eviction + fit, and the map's rows after the fit) and
 writes the loss curves to --plot.
 """
 
@@ -51,6 +52,9 @@ def parse_args(argv=None):
                         help="with --route: a spike holds this multiple of an average cluster's share")
     parser.add_argument("--concentration", type=float, default=defaults.concentration,
                         help="with --route: where the top tokens hold this share, every cluster is a token")
+    parser.add_argument("--fit_kept", action="store_true",
+                        help="train for --fit_kept at inference: the loss is taken after the kept slots' bias and "
+                             "values are fitted to the window's queries beside the learned state")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--weight_decay", type=float, default=defaults.weight_decay,
@@ -74,7 +78,8 @@ def parse_args(argv=None):
             max_capacity_prompt=args.max_capacity_prompt, state_budget=args.state_budget,
             window_size=args.window_size, num_features=args.num_features, steps=args.steps, lr=args.lr,
             weight_decay=args.weight_decay, eval_every=args.eval_every, cluster_by=args.cluster_by, seed=args.seed,
-            init=args.init, route=args.route, spike_threshold=args.spike_threshold, concentration=args.concentration)
+            init=args.init, route=args.route, spike_threshold=args.spike_threshold, concentration=args.concentration,
+            fit_kept=args.fit_kept)
         check_args(args)
     except (ValueError, FileNotFoundError, ImportError) as error:
         parser.error(str(error))

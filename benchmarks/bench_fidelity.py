@@ -4,6 +4,8 @@
     python benchmarks/bench_fidelity.py --summaries none merge taylor2_lowrank --state_budgets 0.25
     python benchmarks/bench_fidelity.py --methods snapkv kvzip --summaries none merge fitted
     python benchmarks/bench_fidelity.py --summaries none merge merge:route --state_budgets 0.125  # routed spikes
+    python benchmarks/bench_fidelity.py --summaries none fitted learned:route learned:route:fit --state_budgets 0.125 \
+        --summary_path assets/smollm2_learned_f2_route.pt                                # the kept slots fitted beside
     python benchmarks/bench_fidelity.py --tiny --device cpu                          # smoke test, seconds
 
 The prompt is the needle test's (the essays, the needle at 50% depth, the question, the chat
@@ -68,7 +70,8 @@ def parse_args(argv=None):
                         default=["none", "merge", "merge:position", "taylor1", "taylor2_diag", "taylor2_lowrank",
                                  "seed_taylor", "fitted", "exact"],
                         help="summary names; 'NAME:position' clusters by position, 'NAME:route' routes the spikes "
-                             "to singleton clusters (both: 'NAME:position:route'); 'learned' needs --summary_path")
+                             "to singleton clusters, 'NAME:fit' fits the kept slots beside the state (fit_kept; "
+                             "combined: 'NAME:position:route:fit'); 'learned' needs --summary_path")
     parser.add_argument("--state_budgets", type=float, nargs="+", default=[0.125, 0.25, 0.5])
     parser.add_argument("--rank", type=int, default=None, help="taylor2_lowrank's rank")
     parser.add_argument("--summary_path", "--kernel_path", dest="summary_path", default=None)
@@ -95,8 +98,8 @@ def configurations(args):
     for method in args.methods:
         for entry in args.summaries:
             name, *tags = entry.split(":")
-            route = "route" in tags
-            cluster_by = next((tag for tag in tags if tag != "route"), None)
+            route, fit = "route" in tags, "fit" in tags
+            cluster_by = next((tag for tag in tags if tag not in ("route", "fit")), None)
             if name in ("none", "exact"):
                 rows.append((method, name, {"summary": Exact() if name == "exact" else None}))
                 continue
@@ -109,6 +112,8 @@ def configurations(args):
                     options["cluster_by"] = cluster_by
                 if route:
                     options["route"] = True
+                if fit:
+                    options["fit_kept"] = True
                 if name == "taylor2_lowrank" and args.rank:
                     options["rank"] = args.rank
                 if name == "learned":

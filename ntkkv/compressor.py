@@ -120,10 +120,10 @@ class Compressor:
         if padded is not None:  # a sample or head keeping fewer than the most
             kept_bias = kept_bias.masked_fill(padded, -math.inf)
         kept_values = None
-        if self.summary is not None and self.summary.refits_kept:
+        if self.summary is not None and self.summary.refits:
             reference = inputs.reference_queries if inputs.reference_queries is not None else window_queries
             kept_values, kept_bias = self.summary.refit(keys, values, kept, kept_bias, evicted, reference, scaling,
-                                                        layer_idx)
+                                                        layer_idx, state=summary.state)
         held_keys, held_values, held_bias, merged = assemble(keys, values, kept, kept_bias, summary, kept_values)
         head_counts = None
         if self.policy.head_wise:

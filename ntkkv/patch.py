@@ -21,7 +21,8 @@ from .summaries import build_summary
 
 POLICY_OPTIONS = ("window_size", "kernel_size", "pooling", "gqa_reduce", "max_capacity_prompt_ratio", "beta",
                   "query_block", "sinks", "alpha_safeguard", "head_scores", "head_beta", "chunk_size")
-SUMMARY_OPTIONS = ("state_budget", "cluster_by", "rank", "summary_path", "route", "spike_threshold", "concentration")
+SUMMARY_OPTIONS = ("state_budget", "cluster_by", "rank", "summary_path", "route", "spike_threshold", "concentration",
+                   "fit_kept")
 # the names these options had before summaries were called summaries; still accepted
 OPTION_ALIASES = {"kernel": "summary", "kernel_path": "summary_path"}
 DEFAULT_BUDGET = 2048
@@ -31,7 +32,7 @@ def build_compressor(method: str | Policy | None = "snapkv", max_capacity_prompt
                      ratchet=None, **options) -> Compressor | None:
     """The `Compressor` for a policy (an object, or a method name with its options) and a summary
     (an object, or a name with `state_budget`, `cluster_by`, `rank`, `summary_path`, `route`, `spike_threshold`,
-    `concentration`); None for fullkv.
+    `concentration`, `fit_kept`); None for fullkv.
 
     Every bad value raises a ValueError naming it and what is allowed.
     """
@@ -87,6 +88,8 @@ def compress(model, method: str | Policy = "snapkv", max_capacity_prompt=None, *
         route=True gives the evicted tokens holding much of the window's attention (share ≥
         spike_threshold / clusters, default 1) a cluster each and clusters only the rest, all clusters
         singletons where the top ones hold ≥ concentration (default 0.5) of it; same memory.
+        fit_kept=True (a summary with a state, such as learned): the kept slots' bias and values are
+        then fitted to the reference queries with the state in the sum (`ntkkv.summaries.fit`).
         `kernel=` and `kernel_path=` are accepted for summary and summary_path.
     ratchet: keep at most this many generated tokens exact; older ones fold into the summary
         (dropped without one), so memory stays flat. None: generated tokens all stay.

@@ -296,7 +296,7 @@ class Reconstruction:
         over each sample's reads, the same number for every sample."""
         summary = self.compressor.summary
         self._references = None
-        if summary is None or not summary.refits_kept:
+        if summary is None or not summary.refits:
             return
         totals = [sum(len(ids) for _, _, ids in inputs) for _, inputs in samples]
         count = min([REFERENCE_POSITIONS] + totals)

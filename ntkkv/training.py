@@ -6,11 +6,16 @@ context keys; the approximation is what the patched attention computes at the sa
 SnapKV keeps `plan.exact` context tokens exact, the others are clustered (k-means on the keys)
 into a `ClusterState` read through the learned features (with `route`, the evicted tokens that
 hold much of the observation window's attention get a cluster each, as at inference), and the two
-parts are merged through the log-sum-exp. The loss is the relative squared error ‖o − o*‖² / ‖o*‖², averaged over
-queries, heads and layers; the parameters are per layer, so one Adam step moves every layer.
+parts are merged through the log-sum-exp. With `fit_kept`, the exact part is fitted compaction's
+(`ntkkv.summaries.fit`): at every step the kept slots' bias and values are fitted to the observation
+window's queries with the learned state in the sum, as `--fit_kept` does at inference, and the loss is
+taken after the fit; the gradient runs through the closed-form fit into the map. The loss is the
+relative squared error ‖o − o*‖² / ‖o*‖², averaged over queries, heads and layers; the parameters
+are per layer, so one Adam step moves every layer.
 
 Selection, clustering and the exact part do not depend on the features: they are computed once
-(`collect_calibration`, `layer_objectives`) and a step only builds and reads the states.
+(`collect_calibration`, `layer_objectives`) and a step only builds and reads the states (and, with
+`fit_kept`, refits the kept slots).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .policies import SelectionInputs, SnapKV
 from .summaries import ClusterSummary, LayerPlan, Learned, Merge
 from .summaries.cluster_state import ClusterState
 from .summaries.clusters import CLUSTER_BY, cluster_means
+from .summaries.fit import DEFAULT_MIN_WEIGHT, DEFAULT_RIDGE, fit_terms, reference_terms
 from .summaries.learned import INITS, LearnedFeatures
 from .summaries.routing import DEFAULT_CONCENTRATION, DEFAULT_SPIKE_THRESHOLD
 
@@ -134,6 +140,8 @@ class TrainingConfig:
     seed: of the random features the training starts from.
     init: "merge" (start at the merged slot: W ≈ 0, no damping; the default) or "random" (positive
         random features, which start far from softmax at these scales and overfit).
+    fit_kept: train for `fit_kept=True` at inference: the loss is taken after the kept slots are fitted
+        to the observation window's queries beside the learned state (the module's docstring).
     """
 
     context_length: int = 2048
@@ -152,6 +160,7 @@ class TrainingConfig:
     route: bool = False
     spike_threshold: float = DEFAULT_SPIKE_THRESHOLD
     concentration: float = DEFAULT_CONCENTRATION
+    fit_kept: bool = False
 
     def __post_init__(self):
         for name in ("context_length", "query_length", "max_capacity_prompt", "window_size", "num_features",
@@ -176,6 +185,8 @@ class TrainingConfig:
             raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(INITS)}")
         if self.cluster_by not in CLUSTER_BY:
             raise ValueError(f"unknown cluster_by {self.cluster_by!r}; choose one of: {', '.join(CLUSTER_BY)}")
+        if not isinstance(self.fit_kept, bool):
+            raise ValueError(f"fit_kept must be True or False, got {self.fit_kept!r}")
         clustering_summary(self)  # checks state_budget and the routing settings, naming the bad value
 
     @property
@@ -309,7 +320,8 @@ class LayerObjective:
 
     keys, values, queries, target: as in `LayerCalibration`; assignment (S, kv_heads, N): the
     cluster of each evicted context token, -1 for the kept; kept_lse, kept_output: exact
-    attention of the queries over the kept tokens.
+    attention of the queries over the kept tokens. For fit_kept, `fit` holds what the fit needs
+    that the features do not change (`FitTerms`), else None.
     """
 
     keys: torch.Tensor
@@ -319,29 +331,74 @@ class LayerObjective:
     assignment: torch.Tensor
     kept_lse: torch.Tensor
     kept_output: torch.Tensor
+    fit: FitTerms | None = None
+
+
+@dataclass
+class FitTerms:
+    """One layer's fit of the kept slots (`ntkkv.summaries.fit.fit_terms`): the observation window's
+    queries (S, kv_heads, group·window, d) and, per window query, its logits at the kept slots, the
+    log-sum-exp over the context and full attention's output; the kept slots' values (S, kv_heads, k, d);
+    the later queries' logits at the kept slots (S, kv_heads, group·M, k)."""
+
+    window_queries: torch.Tensor
+    at_kept: torch.Tensor
+    log_total: torch.Tensor
+    targets: torch.Tensor
+    kept_values: torch.Tensor
+    later_logits: torch.Tensor
 
 
 @torch.no_grad()
-def layer_objectives(calibration: Calibration, plan: LayerPlan, clustering: ClusterSummary) -> list[LayerObjective]:
-    """Per layer, what the loss needs; the evicted tokens clustered as `clustering.cluster` does at inference."""
+def layer_objectives(calibration: Calibration, plan: LayerPlan, clustering: ClusterSummary,
+                     fit_kept: bool = False) -> list[LayerObjective]:
+    """Per layer, what the loss needs; the evicted tokens clustered as `clustering.cluster` does at inference.
+    fit_kept: also what the fit of the kept slots needs (`FitTerms`)."""
     objectives = []
+    scaling = calibration.scaling
     for layer in calibration.layers:
         kept = layer.kept[plan.exact]
-        evicted = evicted_mask(kept, all_valid(layer.keys))
-        assignment = clustering.cluster(layer.keys, evicted, plan.clusters, layer.window_queries, calibration.scaling)
-        lse, output = reference_attention(layer.queries, gather_tokens(layer.keys, kept),
-                                          gather_tokens(layer.values, kept), 0.0, calibration.scaling)
+        valid = all_valid(layer.keys)
+        evicted = evicted_mask(kept, valid)
+        assignment = clustering.cluster(layer.keys, evicted, plan.clusters, layer.window_queries, scaling)
+        kept_keys, kept_values = gather_tokens(layer.keys, kept), gather_tokens(layer.values, kept)
+        lse, output = reference_attention(layer.queries, kept_keys, kept_values, 0.0, scaling)
+        fit = fit_terms_of(layer, kept, scaling) if fit_kept else None
         objectives.append(LayerObjective(layer.keys, layer.values, layer.queries, layer.target, assignment, lse,
-                                         output))
+                                         output, fit))
     return objectives
+
+
+@torch.no_grad()
+def fit_terms_of(layer: LayerCalibration, kept: torch.Tensor, scaling: float) -> FitTerms:
+    """The `FitTerms` of one layer whose kept tokens are `kept` (S, kv_heads, k)."""
+    real = torch.ones(layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device)
+    at_kept, log_total, targets = reference_terms(layer.window_queries, layer.keys, layer.values, real, kept, scaling)
+    return FitTerms(layer.window_queries, at_kept, log_total, targets, gather_tokens(layer.values, kept).float(),
+                    (layer.queries.float() @ gather_tokens(layer.keys, kept).float().transpose(-1, -2)) * scaling)
+
+
+def fitted_kept(fit: FitTerms, log_mass=None, state_mean=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The later queries' log-sum-exp and output over the kept slots fitted (`fit_terms`) beside a state that
+    gives the window queries log_mass and state_mean (None: no state, plain fitted compaction). Every
+    calibration sequence evicts (its context is longer than the budget)."""
+    live = torch.ones(fit.kept_values.shape[:3], dtype=torch.bool, device=fit.kept_values.device)
+    values, log_weights, _ = fit_terms(fit.at_kept, fit.log_total, fit.targets, fit.kept_values, live,
+                                       live[..., 0], DEFAULT_RIDGE, DEFAULT_MIN_WEIGHT, log_mass, state_mean)
+    logits = fit.later_logits + log_weights[:, :, None]
+    return logits.logsumexp(dim=-1), torch.softmax(logits, dim=-1) @ values
 
 
 def learned_output(features: LearnedFeatures, layer_idx: int, objective: LayerObjective, clusters: int,
                    scaling: float) -> torch.Tensor:
-    """The merged output (S, kv_heads, group·M, d) of the kept tokens and the learned states."""
+    """The merged output (S, kv_heads, group·M, d) of the kept tokens and the learned states; with the
+    objective's `fit`, of the kept slots fitted beside the states."""
     state = ClusterState(features, layer_idx).build(objective.keys, objective.values, objective.assignment, clusters)
     log_mass, state_mean = state.read(objective.queries, scaling)
-    return merge_attention(objective.kept_lse, objective.kept_output, log_mass, state_mean)
+    if objective.fit is None:
+        return merge_attention(objective.kept_lse, objective.kept_output, log_mass, state_mean)
+    kept_lse, kept_output = fitted_kept(objective.fit, *state.read(objective.fit.window_queries, scaling))
+    return merge_attention(kept_lse, kept_output, log_mass, state_mean)
 
 
 def relative_squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -390,7 +447,7 @@ def held_out_table(calibration: Calibration, plans: dict[str, LayerPlan], learne
     """Per approximation: the relative L2 error ‖o − o*‖/‖o*‖ ("error") and squared error ("loss"),
     averaged over queries, heads and sequences per layer ("error_per_layer") and over layers."""
     merge = clustering_summary(config)
-    objectives = layer_objectives(calibration, plans["learned"], merge)
+    objectives = layer_objectives(calibration, plans["learned"], merge, config.fit_kept)
     scaling = calibration.scaling
 
     def output(name: str, layer_idx: int, layer: LayerCalibration) -> torch.Tensor:
@@ -398,12 +455,14 @@ def held_out_table(calibration: Calibration, plans: dict[str, LayerPlan], learne
             kept = layer.kept[plans["eviction"].exact]
             return reference_attention(layer.queries, gather_tokens(layer.keys, kept),
                                        gather_tokens(layer.values, kept), 0.0, scaling)[1]
+        if name == "fitted":
+            return fitted_kept(fit_terms_of(layer, layer.kept[plans["eviction"].exact], scaling))[1]
         if name == "merge":
             return merge_output(merge, plans["merge"], layer, layer_idx, scaling)
         return learned_output(learned[name], layer_idx, objectives[layer_idx], plans["learned"].clusters, scaling)
 
     table = {}
-    for name in ["eviction", "merge", *learned]:
+    for name in ["eviction", *(["fitted"] if config.fit_kept else []), "merge", *learned]:
         squared = [relative_squared_error(output(name, i, layer), layer.target)
                    for i, layer in enumerate(calibration.layers)]
         errors = [float(error.sqrt().mean()) for error in squared]
@@ -460,7 +519,7 @@ def train(model, train_ids: torch.Tensor, held_out_ids: torch.Tensor, config: Tr
                                                   method, kept_counts, progress=_capture_logger(split, len(ids)))
     scaling = calibrations["train"].scaling
     clusters = plans["learned"].clusters
-    objectives = {split: layer_objectives(calibration, plans["learned"], clustering_summary(config))
+    objectives = {split: layer_objectives(calibration, plans["learned"], clustering_summary(config), config.fit_kept)
                   for split, calibration in calibrations.items()}
     scale = balancing_scale(objectives["train"], scaling)
     device = calibrations["train"].layers[0].keys.device
@@ -509,9 +568,16 @@ def train(model, train_ids: torch.Tensor, held_out_ids: torch.Tensor, config: Tr
 
 # -- reporting --------------------------------------------------------------------------------
 
-TABLE_ROWS = {"eviction": "eviction only (SnapKV)", "merge": "merged slots (merge)",
-              "learned_init": "learned, at its init", "learned": "learned, trained"}
-COLOURS = {"eviction": "tab:red", "merge": "tab:green", "learned_init": "tab:gray", "learned": "tab:blue"}
+TABLE_ROWS = {"eviction": "eviction only (SnapKV)", "fitted": "eviction + fit (fitted)",
+              "merge": "merged slots (merge)", "learned_init": "learned, at its init", "learned": "learned, trained"}
+FIT_ROWS = {"learned_init": "learned + fit, at its init", "learned": "learned + fit, trained"}
+COLOURS = {"eviction": "tab:red", "fitted": "tab:orange", "merge": "tab:green", "learned_init": "tab:gray",
+           "learned": "tab:blue"}
+
+
+def row_label(metadata: dict, name: str) -> str:
+    rows = {**TABLE_ROWS, **FIT_ROWS} if metadata["settings"].get("fit_kept") else TABLE_ROWS
+    return rows.get(name, name)
 
 
 def format_table(metadata: dict) -> str:
@@ -519,10 +585,10 @@ def format_table(metadata: dict) -> str:
     lines = ["| summary | exact tokens | state tokens | rel. L2 error | rel. squared error |",
              "|---|---:|---:|---:|---:|"]
     for name, row in metadata["held_out"].items():
-        plan = metadata["plans"]["learned" if name.startswith("learned") else name]
+        plan = metadata["plans"]["learned" if name.startswith("learned") else "eviction" if name == "fitted" else name]
         # files written before the rename record "kept" and "state_tokens"
         exact, tokens = plan.get("exact", plan.get("kept")), plan.get("summary_tokens", plan.get("state_tokens"))
-        lines.append(f"| {TABLE_ROWS.get(name, name)} | {exact} | {tokens:.1f} | "
+        lines.append(f"| {row_label(metadata, name)} | {exact} | {tokens:.1f} | "
                      f"{row['error']:.4f} | {row['loss']:.4f} |")
     return "\n".join(lines)
 
@@ -537,13 +603,14 @@ def plot_curves(metadata: dict, path) -> None:
     train_curve, held = metadata["train_loss"], metadata["held_out_loss"]
     curves.plot(range(len(train_curve)), train_curve, label="learned, train", color=COLOURS["learned"], alpha=0.6)
     curves.plot(held["steps"], held["loss"], "o-", label="learned, held aside", color=COLOURS["learned"])
-    for name in ("eviction", "merge"):
-        curves.axhline(metadata["held_out"][name]["loss"], linestyle="--", color=COLOURS[name],
-                       label=f"{TABLE_ROWS[name]}, held aside")
+    for name in ("eviction", "fitted", "merge"):
+        if name in metadata["held_out"]:
+            curves.axhline(metadata["held_out"][name]["loss"], linestyle="--", color=COLOURS[name],
+                           label=f"{TABLE_ROWS[name]}, held aside")
     curves.set(yscale="log", xlabel="step", ylabel="‖o − o*‖² / ‖o*‖² (mean over layers)", title="loss")
     curves.legend()
     for name, row in metadata["held_out"].items():
-        layers.plot(row["error_per_layer"], marker=".", label=TABLE_ROWS.get(name, name), color=COLOURS.get(name))
+        layers.plot(row["error_per_layer"], marker=".", label=row_label(metadata, name), color=COLOURS.get(name))
     layers.set(yscale="log", xlabel="layer", ylabel="‖o − o*‖ / ‖o*‖", title="held-aside error per layer")
     layers.xaxis.get_major_locator().set_params(integer=True)
     layers.legend()
@@ -551,5 +618,6 @@ def plot_curves(metadata: dict, path) -> None:
     fig.suptitle(f"{metadata['model']['name_or_path'] or 'model'}: budget {settings['max_capacity_prompt']}, "
                  f"state {settings['state_budget']}, F={settings['num_features']}, "
                  f"N={settings['context_length']}, M={settings['query_length']}"
-                 + (", routed" if settings.get("route") else ""))
+                 + (", routed" if settings.get("route") else "")
+                 + (", kept slots fitted" if settings.get("fit_kept") else ""))
     fig.savefig(path, dpi=120)

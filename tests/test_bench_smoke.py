@@ -109,6 +109,12 @@ def test_fidelity_benchmark_tiny_run_prints_its_table(fidelity, tmp_path, capsys
                                                           "merge_variance:route", "--state_budgets", "0.25"]))
     assert routed == [("snapkv", "merge_variance:route 0.25",
                        {"summary": "merge_variance", "state_budget": 0.25, "route": True})]
+    fitted_beside = fidelity.configurations(fidelity.parse_args(["--methods", "snapkv", "--summaries",
+                                                                 "learned:route:fit", "--state_budgets", "0.125",
+                                                                 "--summary_path", "map.pt"]))
+    assert fitted_beside == [("snapkv", "learned:route:fit 0.125", {"summary": "learned", "state_budget": 0.125,
+                                                                   "route": True, "fit_kept": True,
+                                                                   "summary_path": "map.pt"})]
     assert rows["snapkv", "merge_variance:route 0.25"][4] == rows["snapkv", "merge_variance 0.25"][4]
 
 

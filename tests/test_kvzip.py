@@ -130,6 +130,22 @@ def test_each_head_keeps_its_sinks_top_scores_and_window():
             assert positions[head].tolist() == expected
 
 
+def test_a_wider_kernel_pools_the_scores_and_the_sinks_stay_kept_alone():
+    """kernel_size 1 (the default): the scores as the pass gave them; 5 with maxpool: each score the largest of
+    itself and its two neighbours on each side (by hand); the sinks kept, their neighbours not lifted by them."""
+    scores = torch.tensor([[[9.0, 0.1, 0.2, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.3, 0.0, 0.0, 0.0, 1.0]]])
+    keys = torch.zeros(1, 1, 14, 4)
+    inputs = SelectionInputs(torch.zeros(1, 1, 1, 14, 4), keys, keys, torch.ones(1, 14, dtype=torch.bool), 1.0,
+                             scores)
+    plain = KVzip(6, window_size=2, sinks=1).selection_scores(inputs, 0)
+    assert plain[0, 0].tolist() == [math.inf] + scores[0, 0, 1:12].tolist()
+    pooled = KVzip(6, window_size=2, sinks=1, kernel_size=5).selection_scores(inputs, 0)
+    by_hand = [math.inf, 0.2, 0.2, 5.0, 5.0, 5.0, 5.0, 5.0, 0.3, 0.3, 0.3, 0.3]
+    assert pooled[0, 0].tolist() == pytest.approx(by_hand)
+    kept = KVzip(6, window_size=2, sinks=1, kernel_size=5).select(inputs, 0, 6)[0, 0].tolist()
+    assert kept[0] == 0 and kept[-2:] == [12, 13] and set(kept[1:4]) <= {3, 4, 5, 6, 7}  # sink, 3 of the 5.0s, window
+
+
 def two_prompts():
     """Prompts of 40 and 28 tokens in one batch, the short one padded on the left."""
     long_prompt, short_prompt = random_prompt(40, seed=3), random_prompt(28, seed=4)
@@ -278,7 +294,7 @@ class RecordingRefit(Summary):
     def summarise(self, keys, values, evicted, plan, layer_idx, window_queries=None, scaling=None):
         return Summarised()
 
-    def refit(self, keys, values, kept, kept_bias, evicted, queries, scaling, layer_idx):
+    def refit(self, keys, values, kept, kept_bias, evicted, queries, scaling, layer_idx, state=None):
         self.queries.append(queries)
         return gather_tokens(values, kept), kept_bias
 

@@ -321,10 +321,18 @@ def test_training_from_the_merged_slot_improves_on_it():
     assert held["learned"]["error"] < held["learned_init"]["error"]
 
 
-def test_the_shipped_smollm2_map_loads_for_smollm2():
-    path = Path(__file__).resolve().parents[1] / "assets" / "smollm2_learned_f2.pt"
+@pytest.mark.parametrize("name, route, fit_kept", [("smollm2_learned_f2", False, False),
+                                                   ("smollm2_learned_f2_route", True, False),
+                                                   ("smollm2_learned_f2_route_fit", True, True)])
+def test_the_shipped_smollm2_maps_load_for_smollm2(name, route, fit_kept):
+    path = Path(__file__).resolve().parents[1] / "assets" / f"{name}.pt"
     features = LearnedFeatures.load(path)
     features.check_model(30, 3, 64)  # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64
-    assert features.num_features == 2 and features.metadata["settings"]["init"] == "merge"
+    settings = features.metadata["settings"]
+    assert features.num_features == 2 and settings["init"] == "merge"
+    assert settings.get("route", False) is route and settings.get("fit_kept", False) is fit_kept
     held = features.metadata["held_out"]
     assert held["learned"]["error"] < held["merge"]["error"] < held["eviction"]["error"]
+    if fit_kept:  # trained through the fit: better than its start and than fitted eviction alone
+        assert held["learned"]["error"] < held["learned_init"]["error"] and \
+            held["learned"]["error"] < held["fitted"]["error"]

@@ -24,14 +24,15 @@ from ntkkv.summaries import SUMMARIES, canonical_summary, refits_kept
 SELECTION_FLAGS = ("window_size", "kernel_size", "pooling", "gqa_reduce", "alpha_safeguard", "head_scores", "head_beta")
 # the ratchet last: it stays when the summary is none (compression_options)
 SUMMARY_FLAGS = ("summary", "state_budget", "cluster_by", "rank", "summary_path", "route", "spike_threshold",
-                 "concentration", "ratchet")
+                 "concentration", "fit_kept", "ratchet")
 
 
 def add_compression_arguments(parser) -> None:
     group = parser.add_argument_group("compression (defaults: the original harness's)")
     group.add_argument("--window_size", type=int, default=None,
                        help="last tokens always kept, SnapKV's observation window (default 8; StreamingLLM budget-4)")
-    group.add_argument("--kernel_size", type=int, default=None, help="pooling width of the scores (default 7)")
+    group.add_argument("--kernel_size", type=int, default=None,
+                       help="pooling width of the scores (default 7; the kvzip methods 1: not pooled)")
     group.add_argument("--pooling", default=None, help="avgpool or maxpool (default maxpool)")
     group.add_argument("--gqa_reduce", default=None, help="mean or max over a KV head's query heads (default mean)")
     group.add_argument("--alpha_safeguard", "--floor", dest="alpha_safeguard", type=float, default=None,
@@ -59,6 +60,10 @@ def add_compression_arguments(parser) -> None:
     summaries.add_argument("--concentration", type=float, default=None,
                            help="with --route: where the top tokens hold this share of it, every cluster is a token "
                                 "(default 0.5)")
+    summaries.add_argument("--fit_kept", action="store_true", default=None,
+                           help="summaries with a state (learned, taylor*, merge_variance): then fit the kept slots' "
+                                "bias and values to the window's (or KVzip's reconstruction) queries with the state "
+                                "in the sum, as --summary fitted does for eviction (same memory)")
     summaries.add_argument("--ratchet", type=int, default=None,
                            help="keep at most this many generated tokens exact; older ones fold into the summary "
                                 "(dropped without one), so memory stays flat (default off)")
@@ -115,6 +120,8 @@ def run_label(method: str, options: dict) -> str:
         for flag, short in (("spike_threshold", "st"), ("concentration", "conc")):
             if options.get(flag) is not None:
                 parts.append(f"{short}{options[flag]:g}")
+    if options.get("fit_kept"):
+        parts.append("fit")
     if options.get("summary_path"):
         parts.append(Path(options["summary_path"]).stem)
     return "_".join(parts)

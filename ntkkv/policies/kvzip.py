@@ -22,20 +22,23 @@ MISSING_SCORES = "kvzip needs its reconstruction pass: run through ntkkv.generat
 @dataclass
 class KVzip(Policy):
     """Scores from context reconstruction, worked out before the layer is compressed (`SelectionInputs.scores`);
-    not pooled (as in the paper); the window's last tokens are kept as by every method.
+    the window's last tokens are kept as by every method.
 
+    kernel_size: 1 (the default) leaves the scores unpooled, as in the paper; a wider kernel pools them as
+        SnapKV does (`pooling`), so that a high-scoring token's neighbours are kept with it. The sinks count
+        0 in the pooling and are marked kept after it, so their neighbours gain nothing from them.
     sinks: the first real tokens, always kept and never repeated; the reconstruction's softmax includes them.
     chunk_size: context tokens repeated per reconstruction forward (the paper's 2K); the pass's extra
         memory follows it, not the context's length.
     query_block: reconstruction queries scored at a time (None: about 2**26 attention weights a block).
     """
 
+    kernel_size: int = 1
     sinks: int = 4
     chunk_size: int = 2048
     query_block: int | None = None
 
     name = "kvzip"
-    pooled = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -50,9 +53,21 @@ class KVzip(Policy):
         if inputs.scores is None:
             raise ValueError(MISSING_SCORES)
         n = inputs.keys.shape[2]
-        window = min(self.window_size, n)
-        sink = inputs.valid & (inputs.valid.long().cumsum(dim=-1) <= self.sinks)
-        return inputs.scores[..., : n - window].float().masked_fill(sink[:, None, : n - window], math.inf)
+        prefix = n - min(self.window_size, n)
+        # a sink's own attention (large) would lift its neighbours in a pooling: it counts 0 until it is marked
+        return inputs.scores[..., :prefix].float().masked_fill(self.sink_mask(inputs)[:, None, :prefix], 0.0)
+
+    def sink_mask(self, inputs: SelectionInputs) -> torch.Tensor:
+        """(batch, n) the first `sinks` real tokens of each sample."""
+        return inputs.valid & (inputs.valid.long().cumsum(dim=-1) <= self.sinks)
+
+    def pool(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores if self.kernel_size == 1 else super().pool(scores)
+
+    def selection_scores(self, inputs: SelectionInputs, layer_idx: int) -> torch.Tensor:
+        scores = super().selection_scores(inputs, layer_idx)
+        n = inputs.keys.shape[2]
+        return scores.masked_fill(self.sink_mask(inputs)[:, None, : n - min(self.window_size, n)], math.inf)
 
 
 @dataclass

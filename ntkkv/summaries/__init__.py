@@ -48,11 +48,11 @@ def refits_kept(name: str) -> bool:
 
 
 def build_summary(summary, state_budget=None, cluster_by=None, rank=None, summary_path=None, route=None,
-                  spike_threshold=None, concentration=None) -> Summary | None:
+                  spike_threshold=None, concentration=None, fit_kept=None) -> Summary | None:
     """A summary object by name (None for "none"); a `Summary` object passes through unchanged.
-    route, spike_threshold, concentration: see `ClusterSummary` (the thresholds only with route=True)."""
+    route, spike_threshold, concentration, fit_kept: see `ClusterSummary` (the thresholds only with route=True)."""
     cluster_options = (("state_budget", state_budget), ("cluster_by", cluster_by), ("route", route),
-                       ("spike_threshold", spike_threshold), ("concentration", concentration))
+                       ("spike_threshold", spike_threshold), ("concentration", concentration), ("fit_kept", fit_kept))
     if summary is None or isinstance(summary, Summary):
         for flag, value in (*cluster_options, ("rank", rank), ("summary_path", summary_path)):
             if value is not None:

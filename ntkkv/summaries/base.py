@@ -17,6 +17,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from .clusters import CLUSTER_BY, assign_clusters
+from .fit import DEFAULT_MIN_WEIGHT, DEFAULT_RIDGE, fit_kept
 from .routing import DEFAULT_CONCENTRATION, DEFAULT_SPIKE_THRESHOLD, check_routing, routed_assignment
 
 DEFAULT_STATE_BUDGET = 0.125
@@ -66,11 +67,16 @@ class Summary:
     """Base of every summary. `merges_slots`: its output is merged slots, which the ratchet folds
     new tokens into (the others fold into their state). `refits_kept`: a summary at zero extra memory
     that rewrites the kept slots' values and bias to stand for the evicted tokens too (`refit`)
-    instead of making slots or a state."""
+    instead of making slots or a state. `refits`: whether the compressor calls `refit` after `summarise`
+    (the refitting summaries, and a cluster summary's state with `fit_kept`)."""
 
     name: ClassVar[str] = ""
     merges_slots: ClassVar[bool] = False
     refits_kept: ClassVar[bool] = False
+
+    @property
+    def refits(self) -> bool:
+        return self.refits_kept
 
     def plan(self, memory: int, head_dim: int, min_exact: int = 1) -> LayerPlan:
         raise NotImplementedError
@@ -85,8 +91,8 @@ class Summary:
         summaries that fit to them."""
         raise NotImplementedError
 
-    def refit(self, keys, values, kept, kept_bias, evicted, queries, scaling, layer_idx: int):
-        """For `refits_kept` summaries: the kept slots' new values and bias.
+    def refit(self, keys, values, kept, kept_bias, evicted, queries, scaling, layer_idx: int, state=None):
+        """For the summaries that `refits`: the kept slots' new values and bias.
 
         keys, values (batch, kv_heads, n, d): the layer's whole prompt; kept (batch, kv_heads, k) the
         kept tokens' indices, ascending; kept_bias (batch, kv_heads, k) float32 (0 a token, -inf a
@@ -111,6 +117,9 @@ class ClusterSummary(Summary):
         tokens' attention (1: more than an average cluster's share); a positive number.
     concentration: with route, a head whose top `clusters` evicted tokens hold at least this share of
         it makes every cluster a singleton of them (it keeps tokens rather than clusters); in (0, 1].
+    fit_kept: after the state is built, fit the kept slots' bias and values to the reference queries
+        with the state in the sum (`ntkkv.summaries.fit`): the slots carry what the state misses.
+        Summaries with a state only (not merge's slots); same memory.
 
     With route, a generated token that the ratchet folds still joins its nearest cluster, a spike's
     singleton included: merged slots and merge_variance move that cluster's mean (the spike is averaged
@@ -124,6 +133,7 @@ class ClusterSummary(Summary):
     route: bool = field(default=False, kw_only=True)
     spike_threshold: float = field(default=DEFAULT_SPIKE_THRESHOLD, kw_only=True)
     concentration: float = field(default=DEFAULT_CONCENTRATION, kw_only=True)
+    fit_kept: bool = field(default=False, kw_only=True)
 
     max_clusters: ClassVar[int | None] = None
 
@@ -137,9 +147,22 @@ class ClusterSummary(Summary):
         if not isinstance(self.route, bool):
             raise ValueError(f"route must be True or False, got {self.route!r}")
         check_routing(self.spike_threshold, self.concentration)
+        if not isinstance(self.fit_kept, bool):
+            raise ValueError(f"fit_kept must be True or False, got {self.fit_kept!r}")
+        if self.fit_kept and self.merges_slots:
+            raise ValueError(f"fit_kept fits the kept slots beside a state; summary {self.name!r} makes merged "
+                             f"slots, not a state (use fitted for eviction + fit)")
         if self.route and type(self).assign is not ClusterSummary.assign:  # seed_taylor: one state around 0
             raise ValueError(f"route applies to the summaries clustered by cluster_by, not {self.name!r} "
                              f"(it makes its own clusters)")
+
+    @property
+    def refits(self) -> bool:
+        return self.fit_kept
+
+    def refit(self, keys, values, kept, kept_bias, evicted, queries, scaling, layer_idx: int, state=None):
+        return fit_kept(keys, values, kept, kept_bias, evicted, queries, scaling, DEFAULT_RIDGE, DEFAULT_MIN_WEIGHT,
+                        state)
 
     def cluster_cost(self, head_dim: int) -> float:
         """Token equivalents of one cluster's summary."""

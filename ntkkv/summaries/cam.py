@@ -137,7 +137,7 @@ class CAM(Summary):
     def summarise(self, keys, values, evicted, plan, layer_idx, window_queries=None, scaling=None) -> Summarised:
         return Summarised()  # nothing beside the kept slots: `refit` rewrites their values
 
-    def refit(self, keys, values, kept, kept_bias, evicted, queries, scaling, layer_idx: int):
+    def refit(self, keys, values, kept, kept_bias, evicted, queries, scaling, layer_idx: int, state=None):
         real = evicted | kept_tokens(kept, kept_bias, keys.shape[2])
         shares = attention_shares(keys, queries, real, scaling)
         generator = None

@@ -11,6 +11,7 @@ correction to it. The outputs are positive, so the normaliser is too.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from torch import nn
 
 from .base import ClusterSummary, Summarised
 from .cluster_state import ClusterState, cluster_state_size
+
+logger = logging.getLogger(__name__)
 
 FILE_FORMAT = "ntkkv-learned-kernel/1"  # the format string of files written so far; kept so they load
 INITS = ("random", "merge")
@@ -163,6 +166,11 @@ class Learned(ClusterSummary):
             self.features = LearnedFeatures.load(self.path).requires_grad_(False)
         elif not isinstance(self.features, LearnedFeatures):
             raise TypeError(f"features must be LearnedFeatures, got {type(self.features).__name__}")
+        trained = self.features.metadata.get("settings", {})
+        for setting in ("route", "fit_kept"):
+            if setting in trained and bool(trained[setting]) != getattr(self, setting):
+                logger.info("learned map %s was trained with %s=%s and is used with %s=%s", self.path, setting,
+                            trained[setting], setting, getattr(self, setting))
 
     def cluster_cost(self, head_dim):
         return cluster_state_size(self.features, head_dim, 1)
