@@ -100,6 +100,9 @@ def configurations(args):
             name, *tags = entry.split(":")
             route, fit = "route" in tags, "fit" in tags
             cluster_by = next((tag for tag in tags if tag not in ("route", "fit")), None)
+            if fit and (name in ("none", "exact") or refits_kept(name)):
+                raise ValueError(f"{entry!r}: the tag 'fit' fits the kept slots beside a cluster summary's state; "
+                                 f"{name!r} has none (use 'fitted' for eviction + fit)")
             if name in ("none", "exact"):
                 rows.append((method, name, {"summary": Exact() if name == "exact" else None}))
                 continue
@@ -330,8 +333,11 @@ def prompt_and_answer(args, model, tokenizer, length, device):
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = configurations(args)  # a bad summary name or flag fails before the model loads
-    pass_policy = check_args(args, rows)
+    try:  # a bad summary name or flag fails before the model loads, in one line
+        rows = configurations(args)
+        pass_policy = check_args(args, rows)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"bench_fidelity.py: error: {error}") from None
     model, tokenizer = load(args, device)
     shape = model_shape(model)
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"

@@ -115,6 +115,9 @@ def test_fidelity_benchmark_tiny_run_prints_its_table(fidelity, tmp_path, capsys
     assert fitted_beside == [("snapkv", "learned:route:fit 0.125", {"summary": "learned", "state_budget": 0.125,
                                                                    "route": True, "fit_kept": True,
                                                                    "summary_path": "map.pt"})]
+    for entry in ("fitted:fit", "none:fit", "bogus"):  # one line, before any model loads
+        with pytest.raises(SystemExit, match="bench_fidelity.py: error: .*(has none|unknown summary)"):
+            fidelity.main(["--tiny", "--device", "cpu", "--summaries", entry])
     assert rows["snapkv", "merge_variance:route 0.25"][4] == rows["snapkv", "merge_variance 0.25"][4]
 
 

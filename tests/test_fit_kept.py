@@ -301,3 +301,56 @@ def test_the_gradient_reaches_the_map_through_the_fit(monkeypatch):
     cut = gradient()
     assert through.abs().sum() > 0 and cut.abs().sum() > 0
     assert (through - cut).abs().sum() > 1e-3 * through.abs().sum()
+
+
+def test_a_layer_without_clusters_is_left_as_plain_eviction():
+    """PyramidKV's top layer with too small a share for a cluster: no state, and fit_kept does not fit it
+    either (the plan says the layer evicts plainly)."""
+    keys, values, kept, bias, evicted, reference = random_case(7)
+    summary = Taylor(order=1, fit_kept=True)
+    slot_values, slot_bias = summary.refit(keys, values, kept, bias, evicted, reference, SCALING, 0, state=None)
+    assert torch.equal(slot_values, gather(values, kept)) and torch.equal(slot_bias, bias)
+    model = tiny_model()
+    layers = model.config.num_hidden_layers
+    budgets = [64] * (layers - 1) + [12]  # the top layer's tenth (1.2 tokens) holds no cluster (1.5)
+    options = dict(max_capacity_prompt=budgets, summary="merge_variance", state_budget=0.1)
+    with ntkkv.compress(model, "snapkv", **options, fit_kept=True):
+        fitted = ntkkv.generate(model, random_prompt(150), max_new_tokens=1)
+    with ntkkv.compress(model, "snapkv", **options):
+        unfitted = ntkkv.generate(model, random_prompt(150), max_new_tokens=1)
+    assert fitted.kv_kept == unfitted.kv_kept
+    # the hidden states differ from the first layer on, so compare the biases: a token's is 0 unless fitted
+    assert torch.equal(fitted.cache.layers[-1].bias, torch.zeros_like(fitted.cache.layers[-1].bias))
+    assert torch.equal(unfitted.cache.layers[0].bias, torch.zeros_like(unfitted.cache.layers[0].bias))
+    assert (fitted.cache.layers[0].bias != 0).any()  # the layers with a state are fitted
+
+
+def test_training_computes_what_inference_computes():
+    """The training objective's fitted slots beside a learned state (`fit_terms_of`, `fitted_kept`) give the
+    later queries the output of the slots `Learned(fit_kept=True).refit` makes at inference."""
+    from ntkkv.compressor import evicted_mask
+    from ntkkv.policies import SelectionInputs, SnapKV
+    from ntkkv.summaries.cluster_state import ClusterState
+    from ntkkv.training import LayerCalibration, fit_terms_of, fitted_kept
+
+    generator = torch.Generator().manual_seed(0)
+    samples, kv_heads, group, n, later_count, d, window = 2, 2, 3, 60, 10, 8, 4
+    keys, values = 2 * torch.randn(samples, kv_heads, n, d, generator=generator), \
+        torch.randn(samples, kv_heads, n, d, generator=generator)
+    queries = 2 * torch.randn(samples, kv_heads, group, n, d, generator=generator)
+    later = 2 * torch.randn(samples, kv_heads, group * later_count, d, generator=generator)
+    scaling = d**-0.5
+    valid = torch.ones(samples, n, dtype=torch.bool)
+    kept = SnapKV(20, window_size=window).select(SelectionInputs(queries, keys, values, valid, scaling), 0, 20)
+    window_queries = queries[:, :, :, n - window:].reshape(samples, kv_heads, -1, d)
+    summary = Learned(features=LearnedFeatures(1, kv_heads, d, 4, init="random", seed=1), fit_kept=True)
+    evicted = evicted_mask(kept, valid)
+    state = ClusterState(summary.features, 0).build(keys, values, summary.cluster(keys, evicted, 5), 5)
+    slot_values, slot_bias = summary.refit(keys, values, kept, torch.zeros(kept.shape), evicted, window_queries,
+                                           scaling, 0, state=state)
+    assert (slot_bias != 0).any()
+    layer = LayerCalibration(keys, values, later, None, {20: kept}, window_queries)
+    lse, output = fitted_kept(fit_terms_of(layer, kept, scaling), *state.read(window_queries, scaling))
+    logits = (later @ gather(keys, kept).transpose(-1, -2)) * scaling + slot_bias[:, :, None]
+    torch.testing.assert_close(lse, logits.logsumexp(dim=-1))
+    torch.testing.assert_close(output, logits.softmax(dim=-1) @ slot_values)

@@ -119,7 +119,8 @@ class ClusterSummary(Summary):
         it makes every cluster a singleton of them (it keeps tokens rather than clusters); in (0, 1].
     fit_kept: after the state is built, fit the kept slots' bias and values to the reference queries
         with the state in the sum (`ntkkv.summaries.fit`): the slots carry what the state misses.
-        Summaries with a state only (not merge's slots); same memory.
+        Summaries with a state only (not merge's slots); same memory. A layer whose share holds no
+        cluster has no state and is left as plain eviction, unfitted.
 
     With route, a generated token that the ratchet folds still joins its nearest cluster, a spike's
     singleton included: merged slots and merge_variance move that cluster's mean (the spike is averaged
@@ -161,6 +162,8 @@ class ClusterSummary(Summary):
         return self.fit_kept
 
     def refit(self, keys, values, kept, kept_bias, evicted, queries, scaling, layer_idx: int, state=None):
+        if state is None:  # a layer whose share holds no cluster evicts plainly, as the plan says: no fit either
+            return values.gather(2, kept[..., None].expand(-1, -1, -1, values.shape[-1])), kept_bias
         return fit_kept(keys, values, kept, kept_bias, evicted, queries, scaling, DEFAULT_RIDGE, DEFAULT_MIN_WEIGHT,
                         state)
 

@@ -85,7 +85,8 @@ def fit_terms(at_kept, log_total, targets, kept_values, live, has_evicted, ridge
     shares = (at_kept - log_total[..., None]).exp()  # p_ij; 0 at padding slots
     missing = 1 - shares.sum(dim=-1, keepdim=True)  # each query's mass eviction loses
     if with_state:
-        missing = missing - (state_log_mass - log_total).exp()[..., None]  # ... and the state does not give back
+        # ... and the state does not give back (clamped: a state off by e^80 must not overflow the gradient)
+        missing = missing - (state_log_mass - log_total).clamp_max(80.0).exp()[..., None]
     weights = (1 + ridge_step(shares, missing, ridge, columns)[..., 0]).clamp_min(min_weight)
     mass_error = (shares @ (weights - 1)[..., None] - missing).square().sum(dim=(-2, -1))
     # a clamp can make the mass fit worse than eviction's: keep w = 1 there
