@@ -13,7 +13,7 @@ from ntkkv.compressor import Compressor
 from ntkkv.generation import cache_argument_name
 from ntkkv.policies import SnapKV
 from ntkkv.summaries import CAM, LayerPlan, build_summary, cam
-from tiny import random_prompt, tiny_model
+from tiny import long_and_short, random_prompt, tiny_model
 
 COMPRESSING = ["snapkv", "pyramidkv", "h2o", "streamingllm"]
 
@@ -188,11 +188,7 @@ def test_cam_holds_exactly_what_plain_eviction_holds(method):
 
 def test_a_sample_in_a_left_padded_batch_keeps_the_values_it_keeps_alone():
     model = tiny_model()
-    long_prompt, short_prompt = random_prompt(90, seed=3), random_prompt(60, seed=4)
-    batch = torch.zeros(2, 90, dtype=torch.long)
-    mask = torch.zeros(2, 90, dtype=torch.long)
-    batch[0], mask[0] = long_prompt[0], 1
-    batch[1, 30:], mask[1, 30:] = short_prompt[0], 1
+    batch, mask, long_prompt, short_prompt = long_and_short(90, 60)
     with ntkkv.compress(model, "snapkv", max_capacity_prompt=24, summary="cam"):
         together = prefill(model, batch, mask)
         alone = [prefill(model, prompt) for prompt in (long_prompt, short_prompt)]

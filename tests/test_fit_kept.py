@@ -19,7 +19,7 @@ from ntkkv.summaries import ExactState, Fitted, Learned, Taylor, build_summary
 from ntkkv.summaries.fit import DEFAULT_MIN_WEIGHT, DEFAULT_RIDGE
 from ntkkv.summaries.learned import LearnedFeatures
 from ntkkv.training import TrainingConfig, format_table, mean_loss, train
-from tiny import random_prompt, tiny_model
+from tiny import long_and_short, one_thread, random_prompt, tiny_model
 
 
 class GivenState:
@@ -206,11 +206,7 @@ def test_same_memory_as_the_summary_unfitted_and_closer_to_full_attention():
 
 def test_left_padded_batch_gives_each_sample_its_alone_output():
     model = tiny_model()
-    long_prompt, short_prompt = random_prompt(70, seed=3), random_prompt(45, seed=4)
-    batch = torch.zeros(2, 70, dtype=torch.long)
-    mask = torch.zeros(2, 70, dtype=torch.long)
-    batch[0], mask[0] = long_prompt[0], 1
-    batch[1, 25:], mask[1, 25:] = short_prompt[0], 1
+    batch, mask, long_prompt, short_prompt = long_and_short()
     with ntkkv.compress(model, "snapkv", max_capacity_prompt=32, summary="merge_variance", state_budget=0.25,
                         route=True, fit_kept=True):
         together = ntkkv.generate(model, batch, mask, max_new_tokens=8, min_new_tokens=8)
@@ -252,13 +248,9 @@ TINY = {"context_length": 160, "query_length": 32, "max_capacity_prompt": 48, "s
 
 def test_training_through_the_fit_lowers_the_loss_after_the_fit():
     model = tiny_model()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         features = train(model, random_prompt(192, batch=3, seed=1), random_prompt(192, batch=1, seed=2),
                          TrainingConfig(**TINY, steps=20, fit_kept=True))
-    finally:
-        torch.set_num_threads(threads)
     table = features.metadata["held_out"]
     assert list(table) == ["eviction", "fitted", "merge", "learned_init", "learned"]
     assert table["fitted"]["error"] < table["eviction"]["error"]  # fitted compaction helps the later queries too

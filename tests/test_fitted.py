@@ -12,7 +12,7 @@ import ntkkv
 from ntkkv.cache import state_sizes
 from ntkkv.eval.options import add_compression_arguments, check_run, compression_options
 from ntkkv.summaries import Fitted, LayerPlan, build_summary
-from tiny import random_prompt, tiny_model
+from tiny import long_and_short, random_prompt, tiny_model
 
 SCALING = 0.35
 
@@ -177,11 +177,7 @@ def test_fitted_slots_bring_decode_closer_to_full_attention():
 
 def test_left_padded_batch_gives_each_sample_its_alone_output():
     model = tiny_model()
-    long_prompt, short_prompt = random_prompt(70, seed=3), random_prompt(45, seed=4)
-    batch = torch.zeros(2, 70, dtype=torch.long)
-    mask = torch.zeros(2, 70, dtype=torch.long)
-    batch[0], mask[0] = long_prompt[0], 1
-    batch[1, 25:], mask[1, 25:] = short_prompt[0], 1
+    batch, mask, long_prompt, short_prompt = long_and_short()
     with ntkkv.compress(model, "snapkv", max_capacity_prompt=20, summary="fitted"):
         together = ntkkv.generate(model, batch, mask, max_new_tokens=8, min_new_tokens=8)
         alone = [ntkkv.generate(model, p, max_new_tokens=8, min_new_tokens=8) for p in (long_prompt, short_prompt)]

@@ -23,7 +23,7 @@ from ntkkv.training import (
     plot_curves,
     train,
 )
-from tiny import random_prompt, tiny_model
+from tiny import one_thread, random_prompt, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALING = 0.25
@@ -57,13 +57,9 @@ def random_features(num_layers=4, kv_heads=2, head_dim=16, num_features=8, seed=
 def trained():
     """(model, features) of a short training run on the tiny model."""
     model = tiny_model()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # these tensors are tiny: more threads only add overhead (10× on a busy machine)
-    try:
+    with one_thread():
         features = train(model, random_prompt(192, batch=3, seed=1), random_prompt(192, batch=1, seed=2),
                          TrainingConfig(**TINY, steps=40, init="random"))
-    finally:
-        torch.set_num_threads(threads)
     return model, features
 
 
@@ -309,13 +305,9 @@ def test_merge_init_starts_each_cluster_as_its_merged_slot():
 def test_training_from_the_merged_slot_improves_on_it():
     """init="merge" starts at merged slots' error; training brings the held-aside error below it."""
     model = tiny_model()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         features = train(model, random_prompt(192, batch=3, seed=1), random_prompt(192, batch=1, seed=2),
                          TrainingConfig(**TINY, steps=30, init="merge"))
-    finally:
-        torch.set_num_threads(threads)
     curve, held = features.metadata["train_loss"], features.metadata["held_out"]
     assert curve[-1] < 0.8 * curve[0]
     assert held["learned"]["error"] < held["learned_init"]["error"]

@@ -17,7 +17,7 @@ from ntkkv.summaries import LayerPlan, Merge, MergeVariance, SeedTaylor, Taylor,
 from ntkkv.summaries.clusters import assign_clusters
 from ntkkv.summaries.routing import evicted_shares, routed_assignment
 from ntkkv.training import TrainingConfig, train
-from tiny import batch_with_padding, load_script, random_prompt, tiny_model
+from tiny import batch_with_padding, load_script, one_thread, random_prompt, tiny_model
 
 SCALING = 1.0
 D = 4
@@ -324,14 +324,10 @@ def test_routed_summary_static_decode_equals_dynamic_and_memory_stays(summary, r
 
 def test_training_on_the_routed_split_runs():
     """Two steps on the tiny model: the routed objective trains (finite losses) and is recorded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         features = train(tiny_model(), random_prompt(192, batch=2, seed=1), random_prompt(192, batch=1, seed=2),
                          TrainingConfig(context_length=160, query_length=32, max_capacity_prompt=48, state_budget=0.5,
                                         window_size=4, num_features=8, steps=2, eval_every=1, route=True))
-    finally:
-        torch.set_num_threads(threads)
     metadata = features.metadata
     assert metadata["settings"]["route"] is True and metadata["settings"]["concentration"] == 0.5
     assert len(metadata["train_loss"]) == 2 and all(math.isfinite(loss) for loss in metadata["train_loss"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,6 +46,29 @@ def batch_with_padding():
     mask[1, :17] = 0
     mask[2, :52] = 0
     return prompt, mask
+
+
+def long_and_short(long: int = 70, short: int = 45):
+    """(batch, mask, long prompt, short prompt): two prompts (seeds 3 and 4) in one batch, the short one
+    left-padded to the long one's length."""
+    long_prompt, short_prompt = random_prompt(long, seed=3), random_prompt(short, seed=4)
+    batch = torch.zeros(2, long, dtype=torch.long)
+    mask = torch.zeros(2, long, dtype=torch.long)
+    batch[0], mask[0] = long_prompt[0], 1
+    batch[1, long - short:], mask[1, long - short:] = short_prompt[0], 1
+    return batch, mask, long_prompt, short_prompt
+
+
+@contextmanager
+def one_thread():
+    """Run the block on one CPU thread: the tiny models' tensors are so small that more threads only add
+    overhead (10× on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def save_chat_llama(folder, tokenizer, max_positions: int = 1024):
